@@ -1,0 +1,1 @@
+"""The archive index: typed models, queries, and Alembic migrations."""

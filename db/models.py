@@ -1,0 +1,171 @@
+"""The archive index: patient, study, series, instance, and commitment transactions.
+
+Every attribute of the statement's C-FIND tables (Annex F Tables F.4.2-16..18)
+is a column here, because responses come from the database, not from files.
+String values are kept as received (trimmed); ``*_key`` columns hold the
+case-folded form that case-insensitive PN matching compares against.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+intpk = Annotated[int, mapped_column(Integer, primary_key=True, autoincrement=True)]
+Uid = Annotated[str, mapped_column(String(64))]
+# VR lengths: LO/PN components 64, SH 16, CS 16, DA 8, TM 16, IS 12. PN may hold
+# several component groups and we keep up to 320 characters to be safe.
+PersonName = Annotated[str, mapped_column(String(320), default="")]
+LongString = Annotated[str, mapped_column(String(64), default="")]
+ShortString = Annotated[str, mapped_column(String(16), default="")]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+
+    id: Mapped[intpk]
+    # The Patient ID the archive answers with; coerced when a different patient
+    # already holds the received one (Table F.8.1-2, digest C7).
+    patient_id: Mapped[LongString] = mapped_column(unique=True)
+    received_patient_id: Mapped[LongString]
+    family_name: Mapped[LongString]
+    given_name: Mapped[LongString]
+    # ``family^given`` as returned in C-FIND responses, and its case-folded key.
+    patient_name: Mapped[PersonName]
+    patient_name_key: Mapped[PersonName] = mapped_column(index=True)
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    # M, F, O or U ('U' when the received value was anything else).
+    sex: Mapped[str] = mapped_column(String(1), default="U")
+    other_patient_ids: Mapped[str] = mapped_column(Text, default="")
+    other_patient_names: Mapped[str] = mapped_column(Text, default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[intpk]
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_instance_uid: Mapped[Uid] = mapped_column(unique=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    # Normalised to HHMMSS.ffffff so that string order is time order.
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[ShortString] = mapped_column(index=True)
+    study_id: Mapped[ShortString]
+    referring_physician_name: Mapped[PersonName]
+    referring_physician_name_key: Mapped[PersonName]
+    study_description: Mapped[LongString]
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[intpk]
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_instance_uid: Mapped[Uid] = mapped_column(unique=True)
+    modality: Mapped[ShortString]
+    series_number: Mapped[str] = mapped_column(String(12), default="")
+    operator_name: Mapped[PersonName]
+    series_description: Mapped[LongString]
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[intpk]
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[Uid] = mapped_column(unique=True)
+    sop_class_uid: Mapped[Uid]
+    # The UID the sender used; differs from sop_instance_uid after a duplicate
+    # was stored under a new UID (Annex F duplicate policy "new UID").
+    received_sop_instance_uid: Mapped[Uid] = mapped_column(index=True)
+    instance_number: Mapped[str] = mapped_column(String(12), default="")
+    transfer_syntax_uid: Mapped[Uid]
+    # Relative to the file store root; never derived from a UID (see storage/).
+    file_path: Mapped[str] = mapped_column(String(255), unique=True)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    source_ae: Mapped[ShortString]
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class CommitmentState(enum.Enum):
+    PENDING = "pending"  # checked, report not yet delivered
+    DELIVERED = "delivered"  # peer answered the N-EVENT-REPORT with 0000/0107
+    FAILED = "failed"  # attempts exhausted or peer unknown
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment transaction, kept so reports survive a restart."""
+
+    __tablename__ = "commitment_request"
+
+    id: Mapped[intpk]
+    transaction_uid: Mapped[Uid] = mapped_column(unique=True)
+    calling_ae: Mapped[ShortString]
+    called_ae: Mapped[ShortString]
+    state: Mapped[CommitmentState] = mapped_column(
+        Enum(CommitmentState, native_enum=False, length=16), default=CommitmentState.PENDING
+    )
+    event_type_id: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    items: Mapped[list[CommitmentItem]] = relationship(
+        back_populates="request", order_by="CommitmentItem.id"
+    )
+
+
+class CommitmentItem(Base):
+    __tablename__ = "commitment_item"
+    __table_args__ = (UniqueConstraint("request_pk", "sop_instance_uid"),)
+
+    id: Mapped[intpk]
+    request_pk: Mapped[int] = mapped_column(ForeignKey("commitment_request.id"), index=True)
+    sop_class_uid: Mapped[Uid]
+    sop_instance_uid: Mapped[Uid]
+    # None when committed; a PS3.3 C.14.1.1 Failure Reason otherwise.
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
+
+    request: Mapped[CommitmentRequest] = relationship(back_populates="items")

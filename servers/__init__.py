@@ -1,0 +1,1 @@
+"""The DICOM face of dicomlab: one package per service, each a plugin."""

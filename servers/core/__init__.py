@@ -1,0 +1,1 @@
+"""The framework every service plugs into: config, plugins, network, logs, CLI."""

@@ -1,0 +1,298 @@
+"""A thin, tested layer over pynetdicom's acceptor and requestor.
+
+What it changes, and why:
+
+* TCP_NODELAY on every socket accepted or opened. pynetdicom leaves Nagle's
+  algorithm on, and on loopback every DIMSE exchange then waits ~40 ms for a
+  delayed ACK.
+* Association acceptance follows the statements' rejection tables
+  (Annex F Tables F.4.2-14/-29): application context, calling AE allow-list,
+  called AE title, IP allow-list, total and per-calling-AE limits, and a
+  request whose presentation contexts are all rejected is itself rejected
+  (1, 1, 1) instead of accepted with nothing usable.
+* DIMSE requests are dispatched to the service class a plugin declared for the
+  SOP class, before pynetdicom's own table, so a service can replace
+  pynetdicom's behaviour (C-MOVE, Storage Commitment) or add a SOP class.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.acse import ACSE
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import negotiate_as_acceptor
+from pynetdicom.service_class import ServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.transport import (
+    AddressInformation,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
+
+from servers.core.config import AEConfig
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+
+# A-ASSOCIATE-RJ (result, source, reason) as the archive statement's Table F.4.2-14 lists them.
+REJECT_LIMIT = (2, 3, 2)
+REJECT_APPLICATION_CONTEXT = (1, 1, 2)
+REJECT_CALLED_AE = (1, 1, 7)
+REJECT_CALLING_AE = (1, 1, 3)
+REJECT_NO_REASON = (1, 1, 1)
+
+REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
+    REJECT_LIMIT: "local-limit-exceeded",
+    REJECT_APPLICATION_CONTEXT: "application-context-name-not-supported",
+    REJECT_CALLED_AE: "called-AE-title-not-recognized",
+    REJECT_CALLING_AE: "calling-AE-title-not-recognized",
+    REJECT_NO_REASON: "no-reason-given",
+}
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        # Not a TCP socket (a test's socketpair): nothing to do.
+        pass
+
+
+class NoDelaySocket(AssociationSocket):
+    """Requestor socket with TCP_NODELAY."""
+
+    def _create_socket(self, address: AddressInformation) -> socket.socket:
+        sock = super()._create_socket(address)
+        set_nodelay(sock)
+        return sock
+
+
+class DicomlabAE(ApplicationEntity):
+    """A pynetdicom AE that knows its configuration and declared service classes."""
+
+    def __init__(self, config: AEConfig, service_classes: Mapping[str, type[ServiceClass]]):
+        super().__init__(ae_title=config.title)
+        self.config = config
+        self.service_classes = dict(service_classes)
+        self.maximum_pdu_size = config.max_pdu
+        self.maximum_associations = config.max_associations
+        self.implementation_class_uid = config.implementation_class_uid
+        self.implementation_version_name = config.implementation_version_name
+        self.acse_timeout = config.acse_timeout
+        self.connection_timeout = config.connection_timeout
+        self.dimse_timeout = config.dimse_timeout
+        # pynetdicom has one idle timer, restarted on every received PDU; it
+        # stands for the statements' DIMSE-level "wait for the next request".
+        self.network_timeout = config.idle_timeout
+        self.require_called_aet = config.require_called_ae
+
+    def _create_socket(  # type: ignore[override]
+        self, assoc: Association, address: AddressInformation, tls_args: Any
+    ) -> AssociationSocket:
+        sock = NoDelaySocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
+def _ip_allowed(address: str, allow: tuple[str, ...]) -> bool:
+    if not allow:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    for entry in allow:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+class PolicyACSE(ACSE):
+    """Acceptor negotiation following the statement's association policies."""
+
+    def association_policy_rejection(self) -> tuple[int, int, int] | None:
+        """The A-ASSOCIATE-RJ a request earns before its contexts are looked at."""
+        ae = cast(DicomlabAE, self.assoc.ae)
+        policy = ae.config
+        rq = cast(A_ASSOCIATE, self.requestor.primitive)
+        if str(rq.application_context_name) != APPLICATION_CONTEXT_NAME:
+            return REJECT_APPLICATION_CONTEXT
+        calling = rq.calling_ae_title.strip()
+        if policy.calling_ae_allow and calling not in policy.calling_ae_allow:
+            return REJECT_CALLING_AE
+        if (
+            policy.require_called_ae
+            and rq.called_ae_title.strip() != self.acceptor.ae_title.strip()
+        ):
+            return REJECT_CALLED_AE
+        if not _ip_allowed(self.requestor.address, policy.ip_allow):
+            # No row of the rejection table names the peer's address; the digest's
+            # B2 resolution answers with the generic service-user rejection.
+            return REJECT_NO_REASON
+        active = [a for a in ae.active_associations if a.is_acceptor and a is not self.assoc]
+        if len(active) >= policy.max_associations:
+            return REJECT_LIMIT
+        if policy.max_associations_per_calling_ae:
+            same_peer = [a for a in active if a.requestor.ae_title.strip() == calling]
+            if len(same_peer) >= policy.max_associations_per_calling_ae:
+                return REJECT_LIMIT
+        return None
+
+    def _reject(self, rsd: tuple[int, int, int]) -> None:
+        self.assoc.rejection = rsd  # type: ignore[attr-defined]
+        self.send_reject(*rsd)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+    def _negotiate_as_acceptor(self) -> None:
+        assoc_rq = cast(A_ASSOCIATE, self.requestor.primitive)
+        self.requestor.ae_title = assoc_rq.calling_ae_title
+
+        rejection = self.association_policy_rejection()
+        if rejection:
+            self._reject(rejection)
+            return
+
+        # Extended negotiation as pynetdicom does it (no user identity policy yet).
+        if self.requestor.user_identity:
+            is_valid, id_response = self._check_user_identity()
+            if not is_valid:
+                self._reject((2, 2, 1))
+                return
+            if id_response:
+                self.acceptor.add_negotiation_item(id_response)
+        for item in self._check_sop_class_extended():
+            self.acceptor.add_negotiation_item(item)
+        self.acceptor._common_ext = self._check_sop_class_common_extended()
+        if self.requestor.asynchronous_operations != (1, 1):
+            async_rsp = self._check_async_ops()
+            if async_rsp:
+                self.acceptor.add_negotiation_item(async_rsp)
+
+        rq_roles = {
+            uid: (item.scu_role, item.scp_role)
+            for uid, item in self.requestor.role_selection.items()
+        }
+        result, ac_roles = negotiate_as_acceptor(
+            assoc_rq.presentation_context_definition_list,
+            self.acceptor.supported_contexts,
+            rq_roles,
+        )
+        self.assoc._accepted_cx = {
+            cast(int, cx.context_id): cx for cx in result if cx.result == 0x00
+        }
+        self.assoc._rejected_cx = [cx for cx in result if cx.result != 0x00]
+        if not self.assoc._accepted_cx:
+            # "If none of the requested Presentation Contexts are accepted then the
+            # Association Request itself is rejected" (Annex F; digest B1).
+            self._reject(REJECT_NO_REASON)
+            return
+
+        for role_item in ac_roles:
+            self.acceptor.add_negotiation_item(role_item)
+        self.send_accept()
+        evt.trigger(self.assoc, evt.EVT_ACCEPTED, {})
+        self.assoc.is_established = True
+        evt.trigger(self.assoc, evt.EVT_ESTABLISHED, {})
+
+
+class DicomlabAssociation(Association):
+    """Acceptor association with policy negotiation and declared-service dispatch."""
+
+    def __init__(self, ae: DicomlabAE, mode: str) -> None:
+        super().__init__(ae, mode)
+        self.acse = PolicyACSE(self)
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        ae = cast(DicomlabAE, self.ae)
+        context = self._accepted_cx.get(context_id)
+        declared = ae.service_classes.get(context.abstract_syntax) if context else None
+        if declared is None or not msg.is_valid_request or self._sent_release:
+            super()._serve_request(msg, context_id)
+            return
+        service_class = declared(self)
+        try:
+            self.dimse.cancel_req = {}
+            self._is_paused = True
+            service_class.SCP(msg, context)
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+        except Exception:
+            # The service logged what went wrong; keep serving other associations.
+            self._is_paused = False
+            self.abort()
+
+
+class DicomlabRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        ae = cast(DicomlabAE, self.ae)
+        assoc = DicomlabAssociation(ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        sock = AssociationSocket(assoc, client_socket=cast(socket.socket, self.request))
+        assoc.set_socket(sock)
+        assoc.acceptor.maximum_length = ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = ae.implementation_version_name
+        from copy import deepcopy
+
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in handlers:
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
+
+
+class NoDelayServer(ThreadedAssociationServer):
+    """Threaded acceptor that sets TCP_NODELAY on every accepted socket."""
+
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        set_nodelay(client)
+        return client, address
+
+
+def start_acceptor(
+    ae: DicomlabAE,
+    host: str,
+    handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list[Any]]],
+) -> NoDelayServer:
+    """Bind and serve ``ae`` on ``host:ae.config.port`` in a background thread."""
+    server = ae.make_server(
+        (host, ae.config.port),
+        ae_title=ae.config.title,
+        evt_handlers=handlers,
+        server_class=NoDelayServer,
+        request_handler=DicomlabRequestHandler,
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, name=f"acceptor-{ae.config.key}", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)
+    return cast(NoDelayServer, server)
+
+
+def pynetdicom_service_class(uid: str) -> type[ServiceClass]:
+    return cast(type[ServiceClass], uid_to_service_class(uid))

@@ -1,0 +1,248 @@
+"""The running suite: every enabled AE in one process, on one store."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from types import GeneratorType
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.sop_class import uid_to_service_class
+
+from db.engine import Database
+from db.migrate import upgrade
+from servers.core import logs
+from servers.core.config import AEConfig, Config
+from servers.core.context import ServiceContext
+from servers.core.declaration import ServiceDeclaration, StartupError
+from servers.core.network import DicomlabAE, NoDelayServer, start_acceptor
+from servers.core.plugins import discover, plugin_manager, services_for_ae
+from storage.filestore import FileStore
+
+# The DIMSE operation whose status table a handler's answers are checked against.
+EVENT_OPERATIONS: dict[Any, str] = {
+    evt.EVT_C_ECHO: "C-ECHO",
+    evt.EVT_C_STORE: "C-STORE",
+    evt.EVT_C_FIND: "C-FIND",
+    evt.EVT_C_GET: "C-GET",
+    evt.EVT_C_MOVE: "C-MOVE",
+    evt.EVT_N_ACTION: "N-ACTION",
+    evt.EVT_N_CREATE: "N-CREATE",
+    evt.EVT_N_SET: "N-SET",
+    evt.EVT_N_GET: "N-GET",
+    evt.EVT_N_DELETE: "N-DELETE",
+    evt.EVT_N_EVENT_REPORT: "N-EVENT-REPORT",
+}
+
+
+def _status_code(result: Any) -> int | None:
+    status = result[0] if isinstance(result, tuple) else result
+    if status is None:
+        return None
+    if hasattr(status, "Status"):
+        return int(status.Status)
+    try:
+        return int(status)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_status(
+    declaration: ServiceDeclaration, operation: str, code: int | None, log: Any
+) -> None:
+    """Log ``undeclared_status`` when a handler answers with a code its statement lacks."""
+    table = declaration.statuses.get(operation)
+    if code is None or table is None or code in table:
+        return
+    log.error(
+        "undeclared_status", service=declaration.name, operation=operation, status=f"0x{code:04X}"
+    )
+
+
+@dataclass
+class _Route:
+    declaration: ServiceDeclaration
+    handler: Callable[..., Any]
+
+
+def _router(event_type: Any, routes: dict[str, _Route]) -> Callable[..., Any]:
+    """One intervention handler per event, routing on the context's SOP class."""
+    operation = EVENT_OPERATIONS.get(event_type, event_type.name)
+
+    def route(event: Any) -> Any:
+        route = routes.get(event.context.abstract_syntax) or routes.get("*")
+        log = logs.assoc_logger(event.assoc)
+        if route is None:
+            log.error("no_handler", operation=operation, sop_class=event.context.abstract_syntax)
+            return 0xC000 if operation != "C-ECHO" else 0x0000
+        result = route.handler(event)
+        if isinstance(result, GeneratorType) or inspect.isgenerator(result):
+            return _checked_generator(result, route.declaration, operation, log)
+        check_status(route.declaration, operation, _status_code(result), log)
+        return result
+
+    return route
+
+
+def _checked_generator(
+    gen: Iterator[Any], declaration: ServiceDeclaration, operation: str, log: Any
+) -> Iterator[Any]:
+    for item in gen:
+        if isinstance(item, tuple) and len(item) == 2:
+            check_status(declaration, operation, _status_code(item), log)
+        yield item
+
+
+@dataclass
+class RunningAE:
+    config: AEConfig
+    ae: DicomlabAE
+    services: list[ServiceDeclaration]
+    server: NoDelayServer | None = None
+
+
+@dataclass
+class Suite:
+    """Build with :meth:`Suite.create`, then :meth:`start` and :meth:`stop`."""
+
+    config: Config
+    db: Database
+    store: FileStore
+    declarations: dict[str, ServiceDeclaration]
+    aes: dict[str, RunningAE] = field(default_factory=dict)
+    _background: list[Any] = field(default_factory=list)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def create(
+        cls, config: Config, extra_plugins: Iterable[object] = (), migrate: bool = True
+    ) -> Suite:
+        declarations = discover(config, plugin_manager(extra_plugins))
+        if migrate:
+            upgrade(config.database_url)
+        db = Database(config.database_url)
+        store = FileStore(
+            config.storage_dir,
+            min_free_bytes=int(config.service_settings("storage").get("min_free_bytes", 0)),
+        )
+        suite = cls(config=config, db=db, store=store, declarations=declarations)
+        for key, ae_config in config.aes.items():
+            if not ae_config.enabled:
+                continue
+            services = services_for_ae(key, ae_config.services, declarations)
+            service_classes: dict[str, Any] = {}
+            for declaration in services:
+                service_classes.update(declaration.service_classes)
+            ae = DicomlabAE(ae_config, service_classes)
+            for declaration in services:
+                for row in declaration.accepted:
+                    if row.role_selection:
+                        ae.add_supported_context(
+                            row.abstract_syntax,
+                            list(row.transfer_syntaxes),
+                            scu_role=row.scu_role,
+                            scp_role=row.scp_role,
+                        )
+                    else:
+                        ae.add_supported_context(row.abstract_syntax, list(row.transfer_syntaxes))
+            suite.aes[key] = RunningAE(config=ae_config, ae=ae, services=services)
+        return suite
+
+    def context(self, ae_key: str, declaration: ServiceDeclaration) -> ServiceContext:
+        return ServiceContext(
+            config=self.config,
+            ae=self.config.ae(ae_key),
+            db=self.db,
+            store=self.store,
+            settings=declaration.settings,
+            suite=self,
+        )
+
+    def requestor(self, ae_key: str) -> DicomlabAE:
+        """A fresh AE object for initiating associations as local AE ``ae_key``."""
+        config = self.config.ae(ae_key)
+        ae = DicomlabAE(config, {})
+        return ae
+
+    def handlers_for(self, key: str) -> list[Any]:
+        running = self.aes[key]
+        bound: dict[Any, dict[str, _Route]] = {}
+        notifications: list[tuple[Any, Callable[..., Any]]] = []
+        for declaration in running.services:
+            if declaration.handlers is None:
+                continue
+            for event_type, handler in declaration.handlers(self.context(key, declaration)).items():
+                if event_type.is_intervention:
+                    routes = bound.setdefault(event_type, {})
+                    sop_classes = declaration.sop_classes or ("*",)
+                    for uid in sop_classes:
+                        routes[uid] = _Route(declaration, handler)
+                else:
+                    notifications.append((event_type, handler))
+        handlers: list[Any] = list(logs.ASSOCIATION_HANDLERS)
+        handlers.extend(notifications)
+        handlers.extend(
+            (event_type, _router(event_type, routes)) for event_type, routes in bound.items()
+        )
+        return handlers
+
+    def start(self) -> None:
+        self.store.sweep_partials()
+        log = logs.get_logger()
+        for key, running in self.aes.items():
+            if running.config.listens:
+                try:
+                    running.server = start_acceptor(
+                        running.ae, self.config.host, self.handlers_for(key)
+                    )
+                except OSError as exc:
+                    self.stop()
+                    raise StartupError(
+                        f"[ae.{key}] cannot listen on {self.config.host}:{running.config.port}: "
+                        f"{exc.strerror}; choose another port with "
+                        f"DICOMLAB_AE__{key.upper()}__PORT or stop what holds it"
+                    ) from None
+                log.info(
+                    "ae_listening",
+                    ae=running.config.title,
+                    key=key,
+                    host=self.config.host,
+                    port=running.server.server_address[1],
+                    services=list(running.config.services),
+                )
+        for key, running in self.aes.items():
+            for declaration in running.services:
+                if declaration.background is not None:
+                    self._background.append(declaration.background(self.context(key, declaration)))
+
+    def port_of(self, key: str) -> int:
+        """The bound port of a listening AE (useful when configured as port 0 in tests)."""
+        server = self.aes[key].server
+        if server is None:
+            raise StartupError(f"[ae.{key}] is not listening")
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for worker in self._background:
+            stop = getattr(worker, "stop", None)
+            if callable(stop):
+                stop()
+        for running in self.aes.values():
+            if running.server is not None:
+                running.server.shutdown()
+                running.server = None
+            running.ae.shutdown()
+        self.db.dispose()
+
+
+def known_sop_class(uid: str) -> bool:
+    return uid_to_service_class(uid).__name__ != "ServiceClass"
+
+
+__all__ = ["StartupError", "Suite", "check_status"]

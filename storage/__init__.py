@@ -1,0 +1,1 @@
+"""The instance file store: Part 10 files written atomically, named by the store."""

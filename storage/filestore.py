@@ -1,0 +1,120 @@
+"""Atomic, checksummed files whose names never come from the peer.
+
+A file is written to a temporary name in its final directory, fsynced, renamed
+into place, and the directory fsynced, so after a crash a name either holds the
+whole file or does not exist. Names are random (``ab/cd/<uuid>.dcm``): a UID, a
+patient name or any other peer-controlled string never reaches the file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+TMP_SUFFIX = ".partial"
+
+
+class StoreError(Exception):
+    """The file could not be written; nothing was left behind."""
+
+
+class StoreFull(StoreError):
+    """Out of disk space (ENOSPC/EDQUOT) or below the configured free-space floor."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str
+    size: int
+    sha256: str
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Files under ``root``; ``min_free_bytes`` refuses writes before the disk is full."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, relative_path: str) -> Path:
+        resolved = (self.root / relative_path).resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise StoreError(f"path {relative_path!r} escapes the store")
+        return resolved
+
+    def _new_relative_path(self) -> str:
+        name = uuid.uuid4().hex
+        return f"{name[:2]}/{name[2:4]}/{name}.dcm"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def write(self, chunks: Iterable[bytes], relative_path: str | None = None) -> StoredFile:
+        """Write ``chunks`` durably; replace ``relative_path`` if given, else pick a new name."""
+        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+            raise StoreFull(f"less than {self.min_free_bytes} bytes free under {self.root}")
+        relative_path = relative_path or self._new_relative_path()
+        final = self.path(relative_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "xb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(str(exc)) from exc
+            raise StoreError(str(exc)) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StoredFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+
+    def read(self, relative_path: str) -> bytes:
+        return self.path(relative_path).read_bytes()
+
+    def verify(self, relative_path: str, sha256: str) -> bool:
+        """True when the file exists and its checksum is the recorded one."""
+        digest = hashlib.sha256()
+        try:
+            with open(self.path(relative_path), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            return False
+        return digest.hexdigest() == sha256
+
+    def delete(self, relative_path: str) -> None:
+        self.path(relative_path).unlink(missing_ok=True)
+
+    def sweep_partials(self) -> int:
+        """Remove temporary files a crash left behind; returns how many."""
+        removed = 0
+        for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed

@@ -1,0 +1,110 @@
+"""Test data and clients: small valid images, pynetdicom SCU associations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from servers.core.runtime import Suite
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
+NM_RETIRED = "1.2.840.10008.5.1.4.1.1.5"
+
+
+def make_image(
+    sop_class: str = CT,
+    *,
+    patient_id: str = "PAT001",
+    patient_name: str = "DOE^JOHN",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    modality: str = "CT",
+    study_date: str = "20240105",
+    study_time: str = "101500",
+    accession: str = "ACC001",
+    rows: int = 4,
+    columns: int = 4,
+    **extra: Any,
+) -> Dataset:
+    """A small but complete image instance (16-bit MONOCHROME2)."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "M"
+    ds.StudyDate = study_date
+    ds.StudyTime = study_time
+    ds.AccessionNumber = accession
+    ds.StudyID = "1"
+    ds.ReferringPhysicianName = "WHO^DOCTOR"
+    ds.StudyDescription = "TEST STUDY"
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256))[: 2 * rows * columns].ljust(2 * rows * columns, b"\0")
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def write_part10(ds: Dataset, path: Path, explicit: bool = True) -> Path:
+    """Write ``ds`` as a Part 10 file (for DCMTK's storescu)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@contextmanager
+def associate(
+    suite: Suite,
+    ae_key: str,
+    contexts: Sequence[str | tuple[str, Sequence[str]]],
+    *,
+    calling_ae: str = "TEST_SCU",
+    called_ae: str | None = None,
+    **kwargs: Any,
+) -> Iterator[Association]:
+    """An established pynetdicom association to one of ``suite``'s AEs; released on exit."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for cx in contexts:
+        if isinstance(cx, str):
+            ae.add_requested_context(cx, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        else:
+            ae.add_requested_context(cx[0], list(cx[1]))
+    title = called_ae or suite.config.ae(ae_key).title
+    assoc = ae.associate("127.0.0.1", suite.port_of(ae_key), ae_title=title, **kwargs)
+    assert assoc.is_established, f"association to {title} not established"
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
