@@ -17,6 +17,7 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -61,11 +62,9 @@ REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
 
 
 def set_nodelay(sock: socket.socket) -> None:
-    try:
+    # OSError: not a TCP socket (a test's socketpair); nothing to do.
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        # Not a TCP socket (a test's socketpair): nothing to do.
-        pass
 
 
 class NoDelaySocket(AssociationSocket):
@@ -95,6 +94,8 @@ class DicomlabAE(ApplicationEntity):
         # stands for the statements' DIMSE-level "wait for the next request".
         self.network_timeout = config.idle_timeout
         self.require_called_aet = config.require_called_ae
+        # Filled by the Suite: service name -> ServiceContext, for declared service classes.
+        self.service_contexts: dict[str, Any] = {}
 
     def _create_socket(  # type: ignore[override]
         self, assoc: Association, address: AddressInformation, tls_args: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import GeneratorType
@@ -50,13 +51,24 @@ def _status_code(result: Any) -> int | None:
         return None
 
 
+# What the suite has answered, per (service, operation, status code), and what it
+# answered that its statement does not list. The tests read both: every documented
+# row must be provoked over a real association, and nothing undocumented sent.
+EMITTED: Counter[tuple[str, str, int]] = Counter()
+UNDECLARED: list[tuple[str, str, int]] = []
+
+
 def check_status(
     declaration: ServiceDeclaration, operation: str, code: int | None, log: Any
 ) -> None:
-    """Log ``undeclared_status`` when a handler answers with a code its statement lacks."""
-    table = declaration.statuses.get(operation)
-    if code is None or table is None or code in table:
+    """Record an answered status; log ``undeclared_status`` when the statement lacks it."""
+    if code is None:
         return
+    EMITTED[(declaration.name, operation, code)] += 1
+    table = declaration.statuses.get(operation)
+    if table is not None and code in table:
+        return
+    UNDECLARED.append((declaration.name, operation, code))
     log.error(
         "undeclared_status", service=declaration.name, operation=operation, status=f"0x{code:04X}"
     )
@@ -137,6 +149,9 @@ class Suite:
             for declaration in services:
                 service_classes.update(declaration.service_classes)
             ae = DicomlabAE(ae_config, service_classes)
+            suite.aes[key] = RunningAE(config=ae_config, ae=ae, services=services)
+            # Service classes reach their suite through the AE they run on.
+            ae.service_contexts = {d.name: suite.context(key, d) for d in services}
             for declaration in services:
                 for row in declaration.accepted:
                     if row.role_selection:
@@ -148,7 +163,6 @@ class Suite:
                         )
                     else:
                         ae.add_supported_context(row.abstract_syntax, list(row.transfer_syntaxes))
-            suite.aes[key] = RunningAE(config=ae_config, ae=ae, services=services)
         return suite
 
     def context(self, ae_key: str, declaration: ServiceDeclaration) -> ServiceContext:
