@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 
 from servers.core import config as config_mod
 from servers.core import logs
-from servers.core.runtime import Suite
+from servers.core.runtime import UNDECLARED, Suite
 
 IN_CI = bool(os.environ.get("CI"))
 POSTGRES_URL = os.environ.get(
@@ -104,9 +104,12 @@ def make_suite(tmp_path: Path, db_url: str) -> Iterator[SuiteFactory]:
         started.append(suite)
         return suite
 
+    undeclared_before = len(UNDECLARED)
     yield factory
     for suite in started:
         suite.stop()
+    # A status the statement does not list is a bug (the brief), whatever the test checked.
+    assert UNDECLARED[undeclared_before:] == [], "undeclared statuses sent"
 
 
 @pytest.fixture
