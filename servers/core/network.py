@@ -22,6 +22,7 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -52,12 +53,53 @@ REJECT_CALLED_AE = (1, 1, 7)
 REJECT_CALLING_AE = (1, 1, 3)
 REJECT_NO_REASON = (1, 1, 1)
 
+
+@dataclass(frozen=True)
+class RejectionRow:
+    """One row of a statement's association rejection table."""
+
+    result: int
+    source: int
+    reason: int
+    meaning: str
+    condition: str
+
+    @property
+    def rsd(self) -> tuple[int, int, int]:
+        return (self.result, self.source, self.reason)
+
+
+REJECTION_ROWS: tuple[RejectionRow, ...] = (
+    RejectionRow(
+        *REJECT_LIMIT,
+        "local-limit-exceeded",
+        "The AE already has its maximum number of simultaneous associations, in total "
+        "or from this calling AE title. A later request may succeed.",
+    ),
+    RejectionRow(
+        *REJECT_APPLICATION_CONTEXT,
+        "application-context-name-not-supported",
+        "The request names an application context other than 1.2.840.10008.3.1.1.1.",
+    ),
+    RejectionRow(
+        *REJECT_CALLED_AE,
+        "called-AE-title-not-recognized",
+        "The called AE title is not this AE's title (the requestor is misconfigured).",
+    ),
+    RejectionRow(
+        *REJECT_CALLING_AE,
+        "calling-AE-title-not-recognized",
+        "A calling AE allow-list is configured and the calling AE title is not on it.",
+    ),
+    RejectionRow(
+        *REJECT_NO_REASON,
+        "no-reason-given",
+        "None of the proposed presentation contexts is acceptable, or an IP allow-list "
+        "is configured and the peer's address is not on it.",
+    ),
+)
 REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
-    REJECT_LIMIT: "local-limit-exceeded",
-    REJECT_APPLICATION_CONTEXT: "application-context-name-not-supported",
-    REJECT_CALLED_AE: "called-AE-title-not-recognized",
-    REJECT_CALLING_AE: "calling-AE-title-not-recognized",
-    REJECT_NO_REASON: "no-reason-given",
+    row.rsd: row.meaning for row in REJECTION_ROWS
 }
 
 
