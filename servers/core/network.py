@@ -5,11 +5,19 @@ What it changes, and why:
 * TCP_NODELAY on every socket accepted or opened. pynetdicom leaves Nagle's
   algorithm on, and on loopback every DIMSE exchange then waits ~40 ms for a
   delayed ACK.
+* Accepted sockets get the low-level ``network_timeout``, so a peer that
+  stops sending in the middle of a PDU is dropped instead of holding two
+  threads forever (pynetdicom leaves accepted sockets blocking).
 * Association acceptance follows the statements' rejection tables
   (Annex F Tables F.4.2-14/-29): application context, calling AE allow-list,
   called AE title, IP allow-list, total and per-calling-AE limits, and a
   request whose presentation contexts are all rejected is itself rejected
-  (1, 1, 1) instead of accepted with nothing usable.
+  (1, 1, 1) instead of accepted with nothing usable. The limits are counted
+  under a lock, so simultaneous requests cannot both slip under a limit.
+* A complete A-ASSOCIATE-RQ PDU whose content cannot be decoded is rejected
+  (1, 2, 1) as the statement says, where pynetdicom would send an A-ABORT; a
+  protocol version without bit 0 is rejected (1, 2, 2) through the same path,
+  so both are logged like every other rejection.
 * DIMSE requests are dispatched to the service class a plugin declared for the
   SOP class, before pynetdicom's own table, so a service can replace
   pynetdicom's behaviour (C-MOVE, Storage Commitment) or add a SOP class.
@@ -22,6 +30,7 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -31,6 +40,8 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.service_class import ServiceClass
@@ -43,6 +54,7 @@ from pynetdicom.transport import (
 )
 
 from servers.core.config import AEConfig
+from servers.core.logs import assoc_logger
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 
@@ -52,6 +64,8 @@ REJECT_APPLICATION_CONTEXT = (1, 1, 2)
 REJECT_CALLED_AE = (1, 1, 7)
 REJECT_CALLING_AE = (1, 1, 3)
 REJECT_NO_REASON = (1, 1, 1)
+REJECT_UNPARSABLE = (1, 2, 1)
+REJECT_PROTOCOL_VERSION = (1, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,19 @@ REJECTION_ROWS: tuple[RejectionRow, ...] = (
         "None of the proposed presentation contexts is acceptable, or an IP allow-list "
         "is configured and the peer's address is not on it.",
     ),
+    RejectionRow(
+        *REJECT_UNPARSABLE,
+        "no-reason-given",
+        "The A-ASSOCIATE-RQ PDU arrived complete but its content could not be parsed "
+        "(malformed items, lengths or AE titles). A request with the same format will "
+        "not succeed later.",
+    ),
+    RejectionRow(
+        *REJECT_PROTOCOL_VERSION,
+        "protocol-version-not-supported",
+        "Bit 0 of the A-ASSOCIATE-RQ protocol version is not set, so the requestor does "
+        "not offer version 1 of the DICOM Upper Layer protocol (PS3.8 9.3.2).",
+    ),
 )
 REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
     row.rsd: row.meaning for row in REJECTION_ROWS
@@ -138,6 +165,31 @@ class DicomlabAE(ApplicationEntity):
         self.require_called_aet = config.require_called_ae
         # Filled by the Suite: service name -> ServiceContext, for declared service classes.
         self.service_contexts: dict[str, Any] = {}
+        # Associations that passed the limits and still hold a slot. pynetdicom's
+        # ``active_associations`` also counts requests still being negotiated and
+        # ones already rejected, and two simultaneous requests would both read
+        # the count before either is established.
+        self._slots_lock = threading.Lock()
+        self._slots: set[Association] = set()
+
+    def take_slot(self, assoc: Association, calling_ae: str) -> bool:
+        """Admit ``assoc`` under the total and per-calling-AE limits, atomically."""
+        with self._slots_lock:
+            held = [a for a in self._slots if a is not assoc and a.is_alive()]
+            self._slots = set(held)
+            if len(held) >= self.config.max_associations:
+                return False
+            per_ae = self.config.max_associations_per_calling_ae
+            if per_ae:
+                same = [a for a in held if a.requestor.ae_title.strip() == calling_ae]
+                if len(same) >= per_ae:
+                    return False
+            self._slots.add(assoc)
+            return True
+
+    def release_slot(self, assoc: Association) -> None:
+        with self._slots_lock:
+            self._slots.discard(assoc)
 
     def _create_socket(  # type: ignore[override]
         self, assoc: Association, address: AddressInformation, tls_args: Any
@@ -163,13 +215,77 @@ def _ip_allowed(address: str, allow: tuple[str, ...]) -> bool:
     return False
 
 
+class PolicyDUL(DULServiceProvider):
+    """DUL that turns an undecodable A-ASSOCIATE-RQ into a rejectable request.
+
+    pynetdicom answers an A-ASSOCIATE-RQ it cannot decode with an A-ABORT
+    (state machine event 19), and a protocol version other than exactly 1 with
+    an A-ASSOCIATE-RJ that no event reports. Here both reach :class:`PolicyACSE`
+    as a placeholder request carrying the rejection, so the normal reject path
+    sends the statement's A-ASSOCIATE-RJ and the rejection is logged.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.rejection: tuple[int, int, int] | None = None
+        self.rejection_detail = ""
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        # Sta1 as well: the PDU can be read before event 5 (connection open) is processed.
+        awaiting_request = self.state_machine.current_state in ("Sta1", "Sta2")
+        if bytestream[:1] != b"\x01" or not awaiting_request:
+            return super()._decode_pdu(bytestream)
+        try:
+            pdu, event = super()._decode_pdu(bytestream)
+            rq = cast(A_ASSOCIATE_RQ, pdu)
+            # Decoding is lazy in places; what the ACSE reads must decode too.
+            primitive = rq.to_primitive()
+            str(primitive.application_context_name)
+            _ = primitive.presentation_context_definition_list
+            _ = primitive.user_information
+        except Exception as exc:
+            self.rejection = REJECT_UNPARSABLE
+            self.rejection_detail = f"{type(exc).__name__}: {exc}"[:200]
+            return _placeholder_request(bytes(bytestream)), "Evt6"
+        if not rq.protocol_version & 1:
+            self.rejection = REJECT_PROTOCOL_VERSION
+            self.rejection_detail = f"protocol version 0x{rq.protocol_version:04X}"
+        # PS3.8 9.3.2: a version-1 receiver tests bit 0 only; pynetdicom's AE-6
+        # compares the whole field, so it is normalised before AE-6 reads it.
+        rq.protocol_version = 1
+        return rq, event
+
+
+def _placeholder_request(raw: bytes) -> A_ASSOCIATE_RQ:
+    """An empty A-ASSOCIATE-RQ with the AE titles of ``raw`` where they decode."""
+    rq = A_ASSOCIATE_RQ()
+    for attr, start in (("called_ae_title", 10), ("calling_ae_title", 26)):
+        field = raw[start : start + 16]
+        try:
+            title = field.decode("ascii").strip(" \x00")
+        except UnicodeDecodeError:
+            title = ""
+        if len(field) == 16 and title.isprintable() and title:
+            setattr(rq, attr, title)
+        else:
+            setattr(rq, attr, "UNPARSABLE")
+    return rq
+
+
 class PolicyACSE(ACSE):
     """Acceptor negotiation following the statement's association policies."""
 
     def association_policy_rejection(self) -> tuple[int, int, int] | None:
-        """The A-ASSOCIATE-RJ a request earns before its contexts are looked at."""
+        """The A-ASSOCIATE-RJ a request earns before its contexts are looked at.
+
+        The limits are checked last, and passing them takes a slot: a request
+        rejected for any other reason never holds one.
+        """
         ae = cast(DicomlabAE, self.assoc.ae)
         policy = ae.config
+        dul_rejection = getattr(self.dul, "rejection", None)
+        if dul_rejection:
+            return cast(tuple[int, int, int], dul_rejection)
         rq = cast(A_ASSOCIATE, self.requestor.primitive)
         if str(rq.application_context_name) != APPLICATION_CONTEXT_NAME:
             return REJECT_APPLICATION_CONTEXT
@@ -185,17 +301,13 @@ class PolicyACSE(ACSE):
             # No row of the rejection table names the peer's address; the digest's
             # B2 resolution answers with the generic service-user rejection.
             return REJECT_NO_REASON
-        active = [a for a in ae.active_associations if a.is_acceptor and a is not self.assoc]
-        if len(active) >= policy.max_associations:
+        if not ae.take_slot(self.assoc, calling):
             return REJECT_LIMIT
-        if policy.max_associations_per_calling_ae:
-            same_peer = [a for a in active if a.requestor.ae_title.strip() == calling]
-            if len(same_peer) >= policy.max_associations_per_calling_ae:
-                return REJECT_LIMIT
         return None
 
     def _reject(self, rsd: tuple[int, int, int]) -> None:
         self.assoc.rejection = rsd  # type: ignore[attr-defined]
+        cast(DicomlabAE, self.assoc.ae).release_slot(self.assoc)
         self.send_reject(*rsd)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
@@ -209,14 +321,9 @@ class PolicyACSE(ACSE):
             self._reject(rejection)
             return
 
-        # Extended negotiation as pynetdicom does it (no user identity policy yet).
-        if self.requestor.user_identity:
-            is_valid, id_response = self._check_user_identity()
-            if not is_valid:
-                self._reject((2, 2, 1))
-                return
-            if id_response:
-                self.acceptor.add_negotiation_item(id_response)
+        # No user identity negotiation (digest 7.2): a User Identity item is
+        # ignored and gets no response, as PS3.7 D.3.3.7 allows. SOP class
+        # extended negotiation is answered as pynetdicom does (no items bound).
         for item in self._check_sop_class_extended():
             self.acceptor.add_negotiation_item(item)
         self.acceptor._common_ext = self._check_sop_class_common_extended()
@@ -258,12 +365,22 @@ class DicomlabAssociation(Association):
     def __init__(self, ae: DicomlabAE, mode: str) -> None:
         super().__init__(ae, mode)
         self.acse = PolicyACSE(self)
+        self.dul = PolicyDUL(self)
+        # The timers live on the DUL: set them again on the replacement.
+        self.acse_timeout = ae.acse_timeout
+        self.network_timeout = ae.network_timeout
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            cast(DicomlabAE, self.ae).release_slot(self)
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         ae = cast(DicomlabAE, self.ae)
         context = self._accepted_cx.get(context_id)
-        declared = ae.service_classes.get(context.abstract_syntax) if context else None
-        if declared is None or not msg.is_valid_request or self._sent_release:
+        declared = ae.service_classes.get(str(context.abstract_syntax)) if context else None
+        if context is None or declared is None or not msg.is_valid_request or self._sent_release:
             super()._serve_request(msg, context_id)
             return
         service_class = declared(self)
@@ -274,7 +391,8 @@ class DicomlabAssociation(Association):
             self._is_paused = False
             self.dimse.cancel_req = {}
         except Exception:
-            # The service logged what went wrong; keep serving other associations.
+            # The association cannot continue in a known state; other associations can.
+            assoc_logger(self).exception("service_class_failed", service_class=declared.__name__)
             self._is_paused = False
             self.abort()
 
@@ -292,15 +410,13 @@ class DicomlabRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = ae.implementation_version_name
-        from copy import deepcopy
-
         assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
         assoc.requestor.address_info = self.remote
         for event, handlers in self.server._handlers.items():
             if event.is_intervention and handlers:
                 assoc.bind(event, *handlers)
             elif isinstance(event, evt.NotificationEvent):
-                for handler in handlers:
+                for handler in cast(list[tuple[Callable[..., Any], Any]], handlers):
                     assoc.bind(event, handler[0], handler[1])
         return assoc
 
@@ -313,6 +429,9 @@ class NoDelayServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         set_nodelay(client)
+        # "Time-out waiting for data between TCP/IP packets" (Table F.4.4-2): a
+        # PDU that stops arriving half-way ends the connection (event 17).
+        client.settimeout(cast(DicomlabAE, self.ae).config.network_timeout)
         return client, address
 
 
@@ -338,4 +457,4 @@ def start_acceptor(
 
 
 def pynetdicom_service_class(uid: str) -> type[ServiceClass]:
-    return cast(type[ServiceClass], uid_to_service_class(uid))
+    return uid_to_service_class(uid)
