@@ -109,7 +109,8 @@ REJECTION_ROWS: tuple[RejectionRow, ...] = (
         *REJECT_NO_REASON,
         "no-reason-given",
         "None of the proposed presentation contexts is acceptable, or an IP allow-list "
-        "is configured and the peer's address is not on it.",
+        "is configured and the peer's address is not on it. The sample rejects both "
+        "cases without naming a code; this is PS3.8's generic service-user rejection.",
     ),
     RejectionRow(
         *REJECT_UNPARSABLE,
@@ -122,7 +123,8 @@ REJECTION_ROWS: tuple[RejectionRow, ...] = (
         *REJECT_PROTOCOL_VERSION,
         "protocol-version-not-supported",
         "Bit 0 of the A-ASSOCIATE-RQ protocol version is not set, so the requestor does "
-        "not offer version 1 of the DICOM Upper Layer protocol (PS3.8 9.3.2).",
+        "not offer version 1 of the DICOM Upper Layer protocol (PS3.8 9.3.2). Added from "
+        "PS3.8: the sample statement's table has no row for this case.",
     ),
 )
 REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
