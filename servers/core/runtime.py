@@ -158,8 +158,11 @@ class Suite:
                         ae.add_supported_context(
                             row.abstract_syntax,
                             list(row.transfer_syntaxes),
-                            scu_role=row.scu_role,
-                            scp_role=row.scp_role,
+                            # ContextRow names the roles this AE plays; pynetdicom's acceptor
+                            # arguments name the roles it grants the requestor: our SCP role
+                            # is the requestor's SCU role and vice versa.
+                            scu_role=row.scp_role,
+                            scp_role=row.scu_role,
                         )
                     else:
                         ae.add_supported_context(row.abstract_syntax, list(row.transfer_syntaxes))
