@@ -7,6 +7,7 @@ Environment overrides use ``__`` to walk into tables, for example::
 
     DICOMLAB_DATA_DIR=/srv/dicomlab
     DICOMLAB_AE__STORAGE_SCP__PORT=4104
+    DICOMLAB_REMOTE__VIEWER__HOST=127.0.0.1   (the remote AE "VIEWER"; its case is kept)
     DICOMLAB_REMOTE__VIEWER__PORT=11113
     DICOMLAB_SERVICES__STORAGE__DUPLICATE_POLICY=replace
 
@@ -190,7 +191,13 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if name.startswith("DICOMLAB_TEST_"):
             continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
+        path = name[len(ENV_PREFIX) :].split("__")
+        # Setting names are case-insensitive; a remote AE's key is its AE title
+        # and keeps its case (DICOMLAB_REMOTE__VIEWER__PORT configures "VIEWER").
+        path = [
+            part if i > 0 and path[i - 1].lower() == "remote" else part.lower()
+            for i, part in enumerate(path)
+        ]
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
