@@ -138,3 +138,100 @@ def dcmtk() -> Callable[[str], str]:
         return path
 
     return tool
+
+
+# --- Status coverage: every documented status row provoked over a real association ----
+#
+# servers.core.runtime.EMITTED counts every status the in-process servers answered. When
+# the whole tests/ directory ran (no -k/-m, nothing deselected or failed), every status
+# row the embedded default's services declare must be in it, or the session fails.
+
+TESTS_DIR = Path(__file__).resolve().parent
+_deselected: list[int] = [0]
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    _deselected[0] += len(items)
+
+
+def partial_run_reason(
+    args: list[str],
+    invocation_dir: Path,
+    *,
+    keyword: str = "",
+    markexpr: str = "",
+    deselected: int = 0,
+    failed: int = 0,
+    collected: int = 1,
+    narrowing_options: tuple[str, ...] = (),
+) -> str | None:
+    """Why this session cannot judge status coverage, or None when it ran everything."""
+    if keyword or markexpr:
+        return "tests were selected with -k/-m"
+    if deselected:
+        return f"{deselected} tests were deselected"
+    if failed:
+        return f"{failed} tests failed"
+    if not collected:
+        return "no tests ran"
+    if narrowing_options:
+        return "run narrowed by " + ", ".join(narrowing_options)
+    paths = set()
+    for arg in args:
+        if "::" in arg:
+            return f"only {arg} ran"
+        path = Path(arg)
+        paths.add((path if path.is_absolute() else invocation_dir / path).resolve())
+    if not any(path == TESTS_DIR or path in TESTS_DIR.parents for path in paths):
+        return "only part of tests/ ran"
+    return None
+
+
+def _narrowing_options(config: pytest.Config) -> tuple[str, ...]:
+    flags = {
+        "lf": "--last-failed",
+        "stepwise": "--stepwise",
+        "collectonly": "--collect-only",
+        "deselect": "--deselect",
+        "ignore": "--ignore",
+        "ignore_glob": "--ignore-glob",
+    }
+    return tuple(name for option, name in flags.items() if config.getoption(option, None))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from servers.core.plugins import discover
+    from servers.core.runtime import EMITTED
+    from servers.core.statement import missing_status_rows
+
+    config = session.config
+    reason = partial_run_reason(
+        [str(a) for a in config.args],
+        config.invocation_params.dir,
+        keyword=config.getoption("keyword", default="") or "",
+        markexpr=config.getoption("markexpr", default="") or "",
+        deselected=_deselected[0],
+        failed=session.testsfailed or int(exitstatus != 0),
+        collected=session.testscollected,
+        narrowing_options=_narrowing_options(config),
+    )
+    if reason is not None:
+        return
+    declarations = discover(config_mod.load(path=None, environ={})).values()
+    missing = missing_status_rows(declarations, EMITTED)
+    if not missing:
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    lines = [
+        f"{service} {operation} {row.hex} {row.category} ({row.meaning}): {row.condition}"
+        for service, operation, row in missing
+    ]
+    header = f"{len(missing)} documented status rows were never sent over an association"
+    if reporter is not None:
+        reporter.write("\n")
+        reporter.write_sep("=", header, red=True)
+        for line in lines:
+            reporter.write_line(line)
+    else:
+        print(header, *lines, sep="\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,43 @@
+# dicomlab on a fresh machine:
+#   make run    create .venv if needed, then serve the archive on ports 4000 and 5000
+#   make test   create .venv if needed, then lint, type-check and run the test suite
+# .venv is (re)installed only when it is missing or pyproject.toml changed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help run test lint statements clean
+
+help:
+	@echo "make run         serve the embedded default (EX_STORE_SCP:4000, EX_QUERY_SCP:5000)"
+	@echo "make test        ruff, ruff format --check, mypy, pytest (what CI runs)"
+	@echo "make lint        ruff and mypy only"
+	@echo "make statements  regenerate statements/*.md from the code"
+	@echo "make clean       remove caches (keeps .venv and data/)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/dicomlab serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+# The committed statements describe the embedded default, so no DICOMLAB_* variable
+# of the caller's shell may leak into them.
+statements: $(STAMP)
+	env -i PATH="$$PATH" HOME="$$HOME" $(BIN)/dicomlab statement --output-dir statements
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
