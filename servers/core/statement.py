@@ -54,9 +54,6 @@ class GroupInfo:
     model: str
     purpose: str
     data_flow: str = ""
-    # Service name -> key of the local AE that initiates its associations, for
-    # services that do not name one in their settings (see INITIATOR_SETTING).
-    initiators: Mapping[str, str] = field(default_factory=dict)
 
 
 GROUPS: Mapping[str, GroupInfo] = {
@@ -70,8 +67,6 @@ GROUPS: Mapping[str, GroupInfo] = {
         "first have been received by the storage AE before a Storage Commitment, query or "
         "retrieve request about it can succeed. Storage Commitment does not have to happen "
         "before query or retrieve.",
-        # C-MOVE sub-operations are sent as STORAGE-SCU (Annex F §F.4.2.1.3).
-        initiators={"query_retrieve": "storage_scu"},
     ),
     "ris": GroupInfo(
         title="RIS: Modality Worklist and MPPS",
@@ -224,10 +219,8 @@ class _AE:
         return f"{self.config.title} (`[ae.{self.config.key}]`)"
 
 
-def _initiator(
-    declaration: ServiceDeclaration, runners: Sequence[str], info: GroupInfo
-) -> list[str]:
-    named = declaration.settings.get(INITIATOR_SETTING) or info.initiators.get(declaration.name)
+def _initiator(declaration: ServiceDeclaration, runners: Sequence[str]) -> list[str]:
+    named = declaration.settings.get(INITIATOR_SETTING)
     return [str(named)] if named else list(runners)
 
 
@@ -246,7 +239,7 @@ def _model(
                 continue
             seen.add(declaration.name)
             runners = [k for k, ds in running.items() if declaration.name in {d.name for d in ds}]
-            targets = [k for k in _initiator(declaration, runners, info) if k in initiates]
+            targets = [k for k in _initiator(declaration, runners) if k in initiates]
             for key in targets or runners:
                 initiates[key].append(declaration)
     return [
@@ -764,6 +757,13 @@ def _configuration(
                         _seconds(c.idle_timeout),
                     ),
                     (
+                        f"{t}: time-out waiting for data between TCP packets of a PDU "
+                        "(low-level; expiry aborts the association)",
+                        f"`{key}.network_timeout`",
+                        "Yes",
+                        _seconds(c.network_timeout),
+                    ),
+                    (
                         f"{t}: maximum number of simultaneous associations",
                         f"`{key}.max_associations`",
                         "Yes",
@@ -829,9 +829,10 @@ def _configuration(
         rows,
     )
     doc.para(
-        "There is no separate low-level timer for data between TCP packets: the idle "
-        "time-out above restarts with every PDU received, and an association that stays "
-        "silent longer is aborted, discarding any partly received message."
+        "The idle time-out restarts with every PDU received; an association that stays "
+        "silent longer is aborted. The time-out between TCP packets applies while a PDU "
+        "is partly received: when it expires the association is aborted and the partly "
+        "received message is discarded."
     )
 
 

@@ -377,7 +377,7 @@ class _MoveOperation:
     def export(self, instances: list[MoveInstance], destination: Any) -> None:
         settings = self.ctx.settings
         export = Export(
-            self.ctx.suite.requestor("storage_scu"),
+            self.ctx.suite.requestor(str(settings.get("initiator_ae", "storage_scu"))),
             destination,
             self.ctx.store,
             self.log,
@@ -455,7 +455,18 @@ def move_settings(config: Config) -> dict[str, object]:
             "[services.query_retrieve] contexts_per_sop_class must be 'single' or 'multi', "
             f"got {mode!r}"
         )
+    initiator = str(raw.get("initiator_ae", "storage_scu"))
+    if initiator not in config.aes:
+        from servers.core.declaration import StartupError
+
+        raise StartupError(
+            f"[services.query_retrieve] initiator_ae = {initiator!r} names no [ae.*] table; "
+            f"configured: {', '.join(sorted(config.aes))}"
+        )
     return {
+        # The local AE that sends the sub-operations: STORAGE-SCU (Annex F §F.4.2.1.3).
+        # Give [ae.storage_scu] the Q/R AE's title to have them share one (§F.4.1.1).
+        "initiator_ae": initiator,
         "contexts_per_sop_class": mode,
         "association_retries": int(raw.get("association_retries", 0)),
         "association_retry_delay": float(raw.get("association_retry_delay", 0)),
@@ -481,7 +492,7 @@ TABLE_F_4_2_7 = """\
 
 def move_statement(config: Config) -> tuple[StatementSection, ...]:
     settings = move_settings(config)
-    storage_scu = config.aes.get("storage_scu")
+    storage_scu = config.aes.get(str(settings["initiator_ae"]))
     scu_title = storage_scu.title if storage_scu else "EX_STORE_SCU"
     retries = settings["association_retries"]
     single = settings["contexts_per_sop_class"] == "single"
