@@ -40,6 +40,18 @@ from db.queries.move import MoveInstance
 from servers.core.config import RemoteAE
 from servers.core.declaration import ContextRow
 from servers.core.network import DicomlabAE
+from servers.core.sop_classes import (
+    CR,
+    CT,
+    MR,
+    NM_RETIRED,
+    RETIRED_NAMES,
+    SC,
+    US,
+    US_MULTIFRAME,
+    US_MULTIFRAME_RETIRED,
+    US_RETIRED,
+)
 from servers.core.transfer_syntax import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
@@ -48,26 +60,15 @@ from servers.core.transfer_syntax import (
 )
 from storage.filestore import FileStore, StoreError
 
-US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
-US = "1.2.840.10008.5.1.4.1.1.6.1"
-US_MULTIFRAME_RETIRED = "1.2.840.10008.5.1.4.1.1.3"
-US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-CR = "1.2.840.10008.5.1.4.1.1.1"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
-SC = "1.2.840.10008.5.1.4.1.1.7"
-NM_RETIRED = "1.2.840.10008.5.1.4.1.1.5"
-
 UNCOMPRESSED = (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
 ALL_THREE = (IMPLICIT_VR_LE, EXPLICIT_VR_LE, JPEG_BASELINE)
 
 # Table F.4.2-6, one entry per SOP class with its rows' transfer syntaxes in table order.
-# pydicom's dictionary drops "(Retired)" from these names, so the statement's are given.
 TABLE_F_4_2_6: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
     (VERIFICATION, (IMPLICIT_VR_LE,), None),
-    (US_RETIRED, ALL_THREE, "US Image Storage (Retired)"),
+    (US_RETIRED, ALL_THREE, RETIRED_NAMES[US_RETIRED]),
     (US, ALL_THREE, None),
-    (US_MULTIFRAME_RETIRED, ALL_THREE, "US Multi-frame Storage (Retired)"),
+    (US_MULTIFRAME_RETIRED, ALL_THREE, RETIRED_NAMES[US_MULTIFRAME_RETIRED]),
     (US_MULTIFRAME, ALL_THREE, None),
     (CR, UNCOMPRESSED, None),
     (CT, UNCOMPRESSED, None),
@@ -77,7 +78,7 @@ TABLE_F_4_2_6: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
 # Accepted by STORAGE-SCP with Implicit VR only (Table F.4.2-30), so exported the
 # same way when such an instance is retrieved (digest A2).
 EXTRA_ROWS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
-    (NM_RETIRED, (IMPLICIT_VR_LE,), "NM Image Storage (Retired)"),
+    (NM_RETIRED, (IMPLICIT_VR_LE,), RETIRED_NAMES[NM_RETIRED]),
 )
 TABLE_TRANSFER_SYNTAXES = {uid: ts for uid, ts, _ in TABLE_F_4_2_6 + EXTRA_ROWS}
 

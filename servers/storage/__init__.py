@@ -45,18 +45,20 @@ from servers.core.declaration import (
 )
 from servers.core.hookspecs import hookimpl
 from servers.core.network import pynetdicom_service_class
+from servers.core.sop_classes import (
+    CR,
+    CT,
+    MR,
+    NM_RETIRED,
+    RETIRED_NAMES,
+    SC,
+    US,
+    US_MULTIFRAME,
+    US_MULTIFRAME_RETIRED,
+    US_RETIRED,
+)
 from servers.core.transfer_syntax import EXPLICIT_VR_LE, IMPLICIT_VR_LE, JPEG_BASELINE
 from servers.storage import scp
-
-US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
-US = "1.2.840.10008.5.1.4.1.1.6.1"
-US_MULTIFRAME_RETIRED = "1.2.840.10008.5.1.4.1.1.3"
-US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-CR = "1.2.840.10008.5.1.4.1.1.1"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-MR = "1.2.840.10008.5.1.4.1.1.4"
-NM_RETIRED = "1.2.840.10008.5.1.4.1.1.5"
-SC = "1.2.840.10008.5.1.4.1.1.7"
 
 ALL_SYNTAXES = (JPEG_BASELINE, EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 UNCOMPRESSED = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE})
@@ -64,14 +66,14 @@ WITH_JPEG = frozenset(ALL_SYNTAXES)
 
 # Table F.4.2-30 storage rows in table order: class, statement name, syntaxes listed.
 TABLE_F_4_2_30: tuple[tuple[str, str | None, frozenset[str]], ...] = (
-    (US_RETIRED, "US Image Storage (Retired)", WITH_JPEG),
+    (US_RETIRED, RETIRED_NAMES[US_RETIRED], WITH_JPEG),
     (US, None, WITH_JPEG),
-    (US_MULTIFRAME_RETIRED, "US Multi-frame Storage (Retired)", WITH_JPEG),
+    (US_MULTIFRAME_RETIRED, RETIRED_NAMES[US_MULTIFRAME_RETIRED], WITH_JPEG),
     (US_MULTIFRAME, None, WITH_JPEG),
     (CR, None, UNCOMPRESSED),
     (CT, None, UNCOMPRESSED),
     (MR, None, UNCOMPRESSED),
-    (NM_RETIRED, "NM Image Storage (Retired)", frozenset({IMPLICIT_VR_LE})),
+    (NM_RETIRED, RETIRED_NAMES[NM_RETIRED], frozenset({IMPLICIT_VR_LE})),
     (SC, None, WITH_JPEG),
 )
 SYNTAX_NAMES = {
