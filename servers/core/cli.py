@@ -74,7 +74,10 @@ def banner(suite: Any) -> str:
         )
     else:
         lines.append("  remote AEs: none (add [remote.TITLE] host/port to use C-MOVE)")
-    lines.append("  try: echoscu -aec EX_STORE_SCP 127.0.0.1 4000   (Ctrl-C stops)")
+    listening = [r.config for r in suite.aes.values() if r.config.listens]
+    if listening:
+        first = listening[0]
+        lines.append(f"  try: echoscu -aec {first.title} 127.0.0.1 {first.port}   (Ctrl-C stops)")
     return "\n".join(lines)
 
 
