@@ -59,9 +59,9 @@ def _field(msg: Any, segment: str, number: int, component: int = 1, repetition: 
         return ""
     try:
         value = seg.extract_field(
-            repeat=repetition, field_num=number, component_num=component, subcomponent_num=1
+            repeat_num=repetition, field_num=number, component_num=component, subcomponent_num=1
         )
-    except (IndexError, KeyError, ValueError, AttributeError):
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError):
         return ""
     return str(value or "").strip()
 
