@@ -99,7 +99,8 @@ def make_suite(tmp_path: Path, db_url: str) -> Iterator[SuiteFactory]:
                 for key, ae in config_mod.DEFAULTS["ae"].items()
                 if int(ae.get("port", 0)) > 0
             },
-            "services": {"worklist": {"hl7_port": free_port()}},
+            # Test orders are scheduled in the past: no expiry unless a test asks for it.
+            "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
         }
         config = config_mod.load(path=None, environ={}, overrides=_deep_merge(raw, overrides or {}))
         suite = Suite.create(config, extra_plugins=extra_plugins)

@@ -229,3 +229,17 @@ def test_findscu_worklist_query(ris: Suite, dcmtk: Any, tmp_path: Path) -> None:
     ds = dcmread(files[0])
     assert ds.PatientID == "PAT001"
     assert ds.ScheduledProcedureStepSequence[0].Modality == "CT"
+
+
+def test_expired_steps_leave_the_worklist(suite: Suite) -> None:
+    from datetime import datetime
+
+    from servers.worklist import WorklistWorker
+
+    add_entry(suite, PatientID="OLD", ScheduledProcedureStepStartDate="20240101")
+    add_entry(suite, PatientID="NEW", ScheduledProcedureStepStartDate="20240110")
+    worker = next(w for w in suite._background if isinstance(w, WorklistWorker))
+    worker.settings = {**worker.settings, "expiry_minutes": 2880}
+    assert worker.run_once(now=datetime(2024, 1, 5, 12, 0)) == 1
+    results = mwl_find(suite, mwl_identifier())
+    assert [ds.PatientID for _, ds in results if ds is not None] == ["NEW"]

@@ -77,6 +77,8 @@ class WorklistWorker:
         self._thread.start()
 
     def run_once(self, now: datetime | None = None) -> int:
+        if int(self.settings["expiry_minutes"]) <= 0:
+            return 0
         cutoff = (now or datetime.now()) - timedelta(minutes=int(self.settings["expiry_minutes"]))
         with self.ctx.db.write() as session:
             return expire_steps(session, cutoff)
@@ -190,7 +192,7 @@ def statement(settings: Mapping[str, Any]) -> tuple[StatementSection, ...]:
             "set by MPPS as configured there), when its order is canceled (HL7 ORC-1 CA), "
             "when it is removed with `dicomlab worklist remove`, or "
             f"{settings['expiry_minutes']} minutes after its scheduled start "
-            "(`expiry_minutes`) by the maintenance job, which runs at start and every "
+            "(`expiry_minutes`; 0 never) by the maintenance job, which runs at start and every "
             f"{settings['maintenance_interval']:g} seconds (`maintenance_interval`). "
             "Until the job runs, an expired entry is still returned.",
         ),
