@@ -243,3 +243,70 @@ def test_expired_steps_leave_the_worklist(suite: Suite) -> None:
     assert worker.run_once(now=datetime(2024, 1, 5, 12, 0)) == 1
     results = mwl_find(suite, mwl_identifier())
     assert [ds.PatientID for _, ds in results if ds is not None] == ["NEW"]
+
+
+def test_cli_add_import_list_remove_mpps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from servers.core.cli import main
+
+    data = ["--data-dir", str(tmp_path / "cli")]
+    for command in ("add", "import", "list", "remove", "mpps"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["worklist", command, "--help"])
+        assert exit_info.value.code == 0
+    assert (
+        main(
+            [
+                "worklist",
+                "add",
+                *data,
+                "--patient-id",
+                "P1",
+                "--patient-name",
+                "Renée^Zoë",
+                "--modality",
+                "CT",
+                "--station",
+                "CT1",
+                "--date",
+                "20300101",
+                "--time",
+                "0900",
+                "--accession",
+                "ACC1",
+            ]
+        )
+        == 0
+    )
+    source = tmp_path / "orders.json"
+    source.write_text(
+        json.dumps(
+            [
+                {
+                    "PatientID": "P2",
+                    "PatientName": "ROE^JANE",
+                    "Modality": "MR",
+                    "ScheduledStationAETitle": "MR1",
+                    "ScheduledProcedureStepStartDate": "20300102",
+                    "ScheduledProcedureStepStartTime": "1000",
+                    "ScheduledProcedureStepID": "SPS2",
+                }
+            ]
+        ),
+        encoding="utf-8",
+    )
+    assert main(["worklist", "import", *data, str(source)]) == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("PatientID,Modality\nP3,CT\n", encoding="utf-8")
+    assert main(["worklist", "import", *data, str(bad)]) == 2  # missing keys: nothing added
+    assert main(["worklist", "remove", *data, "SPS2"]) == 0
+    assert main(["worklist", "remove", *data, "SPS2"]) == 1
+    capsys.readouterr()
+    assert main(["worklist", "list", *data]) == 0
+    out = capsys.readouterr().out
+    assert "ACC1" in out and "Renée^Zoë" in out and "SPS2" not in out and "P3" not in out
+    assert main(["worklist", "mpps", *data]) == 0
+    assert main(["worklist", "mpps", "--exceptions", *data]) == 0

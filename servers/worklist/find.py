@@ -14,7 +14,6 @@ from datetime import date
 from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes, python_encoding
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
@@ -321,24 +320,21 @@ def _universal(value: str) -> bool:
     return value == "" or value.strip("*") == ""
 
 
-def _has_value(element: DataElement | RawDataElement, vr: str, enc: list[str] | None) -> bool:
+def _has_value(parent: Dataset, tag: int, vr: str, enc: list[str] | None) -> bool:
     """Whether an optional key carries a matching value (sequences: any value inside)."""
     if vr == "SQ":
         try:
-            items = (
-                DataElement.from_raw(element).value
-                if isinstance(element, RawDataElement)
-                else element.value
-            )  # type: ignore[arg-type]
+            items = parent[tag].value
         except Exception:
             return True
         for item in items or ():
-            for tag in list(item.keys()):
-                sub = item.get_item(tag)
-                if sub is not None and _has_value(sub, str(sub.VR or "UN"), enc):
+            for sub_tag in list(item.keys()):
+                sub = item.get_item(sub_tag)
+                if sub is not None and _has_value(item, int(sub_tag), str(sub.VR or "UN"), enc):
                     return True
         return False
-    return not _universal(_text(element, vr, enc))
+    element = parent.get_item(tag)
+    return element is not None and not _universal(_text(element, vr, enc))
 
 
 def _tag_text(tag: int) -> str:
@@ -397,7 +393,7 @@ def parse_identifier(identifier: Dataset) -> WorklistQuery:
         query.top_keys.append(key)
         if key.keyword in MATCH_COLUMNS:
             _match_key(query, key, _text(element, key.vr, encodings))
-        elif _has_value(element, key.vr, encodings):
+        elif _has_value(identifier, int(tag), key.vr, encodings):
             query.unsupported.append(key.keyword)  # optional matching key with a value
     if outside:
         raise FindError(
@@ -440,7 +436,7 @@ def _parse_sps(
         query.sps_keys.append(key)
         if key.keyword in MATCH_COLUMNS or key.keyword.startswith("ScheduledProcedureStepStart"):
             _match_key(query, key, _text(element, key.vr, encodings))
-        elif _has_value(element, key.vr, encodings):
+        elif _has_value(item, int(tag), key.vr, encodings):
             query.unsupported.append(key.keyword)
 
 

@@ -197,7 +197,7 @@ def key_table_markdown() -> str:
     lines = [
         "| Attribute | Tag | VR | Matching | Returned |",
         "|---|---|---|---|---|",
-        f"| Scheduled Procedure Step Sequence | (0040,0100) | SQ | Sequence: one item per "
+        "| Scheduled Procedure Step Sequence | (0040,0100) | SQ | Sequence: one item per "
         "response | Yes |",
     ]
 
