@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -169,3 +171,94 @@ class CommitmentItem(Base):
     failure_reason: Mapped[int | None] = mapped_column(Integer)
 
     request: Mapped[CommitmentRequest] = relationship(back_populates="items")
+
+
+# --- RIS: Modality Worklist and MPPS (PS3.2 Annex C "DICOMRis") ----------------------
+
+
+class ScheduledStep(Base):
+    """One worklist entry: a scheduled procedure step with its requested procedure,
+    imaging service request, visit and patient (one MWL response per row).
+
+    ``dataset`` is the whole entry as the DICOM JSON model (PS3.18 F.2), as returned
+    in responses; the matching keys are also columns so that the database can filter.
+    Accession Number and Requested Procedure ID are the same value (§C.4.2.1.4.1.1).
+    """
+
+    __tablename__ = "scheduled_step"
+
+    id: Mapped[intpk]
+    sps_id: Mapped[ShortString] = mapped_column(unique=True)
+    accession_number: Mapped[ShortString] = mapped_column(index=True)
+    patient_id: Mapped[LongString] = mapped_column(index=True)
+    patient_name: Mapped[PersonName]
+    # Case-folded alphabetic component group: Patient's Name matches case-insensitively.
+    patient_name_key: Mapped[PersonName]
+    modality: Mapped[ShortString]
+    station_ae: Mapped[ShortString]
+    start_date: Mapped[str] = mapped_column(String(8), index=True)
+    # Normalised to HHMMSS[.ffffff] so that string order is time order.
+    start_time: Mapped[str] = mapped_column(String(16))
+    performing_physician: Mapped[PersonName]
+    study_instance_uid: Mapped[Uid]
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The parent requested procedure's state (SCHEDULED, PROCEDURE STARTED, ...).
+    procedure_state: Mapped[str] = mapped_column(String(32), default="SCHEDULED")
+    # Logically removed from the worklist: state, cancel, expiry or a user's removal.
+    removed: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    removed_reason: Mapped[str] = mapped_column(String(64), default="")
+    source: Mapped[str] = mapped_column(String(16), default="")
+    placer_order_number: Mapped[LongString]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PpsState(enum.Enum):
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+class PerformedStep(Base):
+    """One MPPS instance: its state, its merged attributes and how it matched orders."""
+
+    __tablename__ = "performed_step"
+
+    id: Mapped[intpk]
+    sop_instance_uid: Mapped[Uid] = mapped_column(unique=True)
+    state: Mapped[PpsState] = mapped_column(Enum(PpsState, native_enum=False, length=16))
+    patient_id: Mapped[LongString]
+    # Backslash-separated Accession Numbers of the Scheduled Step Attribute Sequence.
+    accession_numbers: Mapped[str] = mapped_column(Text, default="")
+    performed_station_ae: Mapped[ShortString]
+    calling_ae: Mapped[ShortString]
+    matched: Mapped[bool] = mapped_column(Boolean, default=False)
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    final_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PerformedStepMessage(Base):
+    """Every accepted N-CREATE and N-SET, as received (DICOM JSON model)."""
+
+    __tablename__ = "performed_step_message"
+
+    id: Mapped[intpk]
+    step_pk: Mapped[int] = mapped_column(ForeignKey("performed_step.id"), index=True)
+    operation: Mapped[str] = mapped_column(String(8))
+    calling_ae: Mapped[ShortString]
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MppsException(Base):
+    """A performed step that did not match the orders, or matched with other demographics."""
+
+    __tablename__ = "mpps_exception"
+
+    id: Mapped[intpk]
+    step_pk: Mapped[int] = mapped_column(ForeignKey("performed_step.id"), index=True)
+    sop_instance_uid: Mapped[Uid]
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

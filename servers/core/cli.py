@@ -229,6 +229,10 @@ def parser() -> argparse.ArgumentParser:
         help="with --output-dir: fail if the files differ from the rendering",
     )
     st.set_defaults(func=cmd_statement)
+
+    from servers.worklist.cli import register as register_worklist
+
+    register_worklist(sub, common, _load)
     return p
 
 

@@ -36,6 +36,8 @@ CONFIG_ENV = "DICOMLAB_CONFIG"
 IMPLEMENTATION_UID_ARCHIVE = "2.25.229946574521367303553431744106155930433"
 IMPLEMENTATION_UID_STORAGE_SCP = "2.25.229946574521367303553431744106155930434"
 IMPLEMENTATION_VERSION_NAME = "EX_VERS_01"
+# Replaces the RIS sample's placeholder "xxxxxxx.yyy.etc.ad.inf.usw" (digest A1).
+IMPLEMENTATION_UID_RIS = "2.25.229946574521367303553431744106155930435"
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
@@ -65,6 +67,24 @@ DEFAULTS: dict[str, Any] = {
             "group": "archive",
             "services": [],
             "max_pdu": 131072,
+        },
+        # The RIS (PS3.2 Annex C "DICOMRis"): the sample names its AE DICOMSRV and port
+        # 104; 1104 needs no root, and deploy/ keeps 104 for the systemd service.
+        "ris_scp": {
+            "title": "DICOMSRV",
+            "port": 1104,
+            "group": "ris",
+            "services": ["verification", "worklist", "mpps"],
+            "implementation_class_uid": IMPLEMENTATION_UID_RIS,
+            "implementation_version_name": "DICOMRis_260",
+            "max_pdu": 65536,
+            "max_associations": 20,
+            "max_associations_per_calling_ae": 3,
+            "acse_timeout": 30,
+            "connection_timeout": 15,
+            "network_timeout": 15,
+            "idle_timeout": 60,
+            "dimse_timeout": 30,
         },
     },
     "remote": {},

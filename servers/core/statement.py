@@ -54,6 +54,8 @@ class GroupInfo:
     model: str
     purpose: str
     data_flow: str = ""
+    # Replaces the archive's note under the AE table (titles, ports, root).
+    address_note: str = ""
 
 
 GROUPS: Mapping[str, GroupInfo] = {
@@ -73,6 +75,16 @@ GROUPS: Mapping[str, GroupInfo] = {
         model='the sample statement "DICOMRis" (DICOM PS3.2-2008 Annex C)',
         purpose="provides scheduled procedure steps to modalities and tracks the steps "
         "they perform",
+        data_flow="Orders reach the worklist over HL7 (or from `dicomlab worklist`) before "
+        "a modality can query them; an MPPS needs no prior worklist query (unscheduled "
+        "cases), but only an MPPS that matches an order updates it.",
+        address_note="The sample names its AE DICOMSRV and leaves the title to "
+        "configuration; the embedded default uses `DICOMSRV`. The sample's port 104 needs "
+        "root, so the embedded default listens on 1104; the systemd deployment in `deploy/` "
+        "may bind 104 (set `port = 104` in `[ae.ris_scp]`). The HL7 order listener uses "
+        "its own port (`services.worklist.hl7_port`). Two listening AEs may not answer "
+        "with the same title on the same port; a wrong called AE title is rejected as in "
+        "the association acceptance policy.",
     ),
     "print": GroupInfo(
         title="Print Server",
@@ -663,7 +675,11 @@ def _network_interfaces(doc: _Doc, config: Config) -> None:
 
 
 def _configuration(
-    doc: _Doc, config: Config, aes: list[_AE], services: list[ServiceDeclaration]
+    doc: _Doc,
+    config: Config,
+    aes: list[_AE],
+    services: list[ServiceDeclaration],
+    group: str = "archive",
 ) -> None:
     doc.heading(3, "4.4", "Configuration")
     doc.para(
@@ -688,12 +704,16 @@ def _configuration(
             for ae in aes
         ],
     )
-    doc.para(
-        "The embedded default uses the sample statement's AE titles and ports 4000 and 5000, "
-        "so no root privileges are needed. For the systemd deployment (including port 104) "
-        "see `deploy/` in the source tree. Two listening AEs may not answer with the same "
-        "title on the same port."
-    )
+    note = GROUPS[group].address_note if group in GROUPS else ""
+    if note:
+        doc.para(note)
+    else:
+        doc.para(
+            "The embedded default uses the sample statement's AE titles and ports 4000 and 5000, "
+            "so no root privileges are needed. For the systemd deployment (including port 104) "
+            "see `deploy/` in the source tree. Two listening AEs may not answer with the same "
+            "title on the same port."
+        )
     doc.heading(5, "4.4.1.2", "Remote AE Title/Presentation Address Mapping")
     doc.para(
         "Remote AEs are needed only where a service opens an association to a peer by AE "
@@ -925,7 +945,7 @@ def render(
     _implementation_model(body, info, aes)
     _ae_specifications(body, aes)
     _network_interfaces(body, config)
-    _configuration(body, config, aes, services)
+    _configuration(body, config, aes, services, group)
     _media(body)
     _character_sets(body, services)
     _security(body, aes)

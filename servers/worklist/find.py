@@ -1,0 +1,569 @@
+"""Modality Worklist C-FIND SCP (Annex C §C.4.2.1.4.1, Table C.4.2-8; digest §3).
+
+Order of checks (digest §3.6): decode the identifier, check it against the
+information model (A900), query the database and count (C001, A700), then
+stream one pending response per matching step with cancel checks, then 0000.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from pydicom.charset import convert_encodings, decode_bytes, python_encoding
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import ScheduledStep
+from db.queries.worklist import StepFilter, candidate_steps
+from db.values import normalize_time
+from servers.core import logs
+from servers.core.context import ServiceContext
+from servers.core.declaration import (
+    CANCEL,
+    FAILURE,
+    PENDING,
+    REFUSED,
+    SUCCESS,
+    StatusRow,
+    StatusTable,
+)
+from servers.worklist.entries import alphabetic
+from servers.worklist.keys import (
+    CONTROL_KEYS,
+    SPS_OTHER_KEYS,
+    SPS_SEQUENCE_TAG,
+    SPS_SUPPORTED_KEYS,
+    TOP_OTHER_KEYS,
+    TOP_SUPPORTED_KEYS,
+    Key,
+)
+
+C_FIND_STATUSES = StatusTable(
+    "C-FIND",
+    [
+        StatusRow(
+            0x0000,
+            SUCCESS,
+            "Matching is complete",
+            "Sent after the last pending response, or alone when no scheduled procedure "
+            "step matches. It carries no identifier.",
+        ),
+        StatusRow(
+            0xA700,
+            REFUSED,
+            "Out of resources",
+            "More scheduled procedure steps match than the configured maximum "
+            "(`max_matches`). No pending response is sent; Error Comment says how many "
+            "matches are allowed.",
+        ),
+        StatusRow(
+            0xA900,
+            FAILURE,
+            "Identifier does not match SOP class",
+            "The identifier holds an attribute outside the Modality Worklist Information "
+            "Model (not in a module of PS3.4 Table K.6-1, including every private "
+            "attribute), Scheduled Procedure Step Sequence has more than one item, a "
+            "date or time key value is not a valid DA/TM value or range, or the "
+            "identifier cannot be decoded. Offending Element lists the attributes; no "
+            "pending response is sent.",
+        ),
+        StatusRow(
+            0xC001,
+            FAILURE,
+            "Unable to process",
+            "The worklist database could not be searched, or a key value holds "
+            "characters outside ASCII in a Specific Character Set this AE cannot decode "
+            "(or bytes invalid in it). No pending response is sent.",
+        ),
+        StatusRow(
+            0xFE00,
+            CANCEL,
+            "Matching terminated due to cancel request",
+            "The SCU sent a C-CANCEL-FIND-RQ for this request before the last match was "
+            "sent; no further pending response is sent and this final response carries "
+            "no identifier.",
+        ),
+        StatusRow(
+            0xFF00,
+            PENDING,
+            "Matches are continuing - current match is supplied and any optional keys "
+            "were supported in the same manner as required keys",
+            "Sent with each match when every key of the identifier is a supported key "
+            "and no optional matching key has a value.",
+        ),
+        StatusRow(
+            0xFF01,
+            PENDING,
+            "Matches are continuing - warning that one or more optional keys were not "
+            "supported for existence for this identifier",
+            "Sent with each match instead of FF00 when the identifier holds an optional "
+            "matching key with a value other than zero-length or `*` (the value is not "
+            "used for matching and the stored value is returned), or an attribute of "
+            "the model that this AE does not return.",
+        ),
+    ],
+)
+
+SUCCESS_ROW = C_FIND_STATUSES[0x0000]
+OUT_OF_RESOURCES = C_FIND_STATUSES[0xA700]
+IDENTIFIER_INVALID = C_FIND_STATUSES[0xA900]
+UNABLE_TO_PROCESS = C_FIND_STATUSES[0xC001]
+CANCELLED = C_FIND_STATUSES[0xFE00]
+PENDING_ALL_SUPPORTED = C_FIND_STATUSES[0xFF00]
+PENDING_UNSUPPORTED = C_FIND_STATUSES[0xFF01]
+
+LATIN_1 = "ISO_IR 100"
+UTF_8 = "ISO_IR 192"
+TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+PN_DELIMITERS = {0x5C, 0x3D, 0x5E}
+TEXT_DELIMITERS = {0x5C}
+ESC = 0x1B
+DATE_RE = re.compile(r"[0-9]{8}")
+TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
+TIME_MAX = "235959.999999"
+
+
+class FindError(Exception):
+    """A request answered with a failure status and no pending responses."""
+
+    def __init__(self, row: StatusRow, comment: str, offending: tuple[int, ...] = ()) -> None:
+        super().__init__(comment)
+        self.row = row
+        self.comment = comment
+        self.offending = offending
+
+    def status(self) -> Dataset:
+        ds = Dataset()
+        ds.Status = self.row.code
+        ds.ErrorComment = self.comment[:64]  # LO
+        if self.offending:
+            ds.OffendingElement = list(self.offending)
+        return ds
+
+
+@dataclass
+class Pattern:
+    """A single value or wildcard pattern on one column."""
+
+    value: str
+    regex: re.Pattern[str] | None = None
+
+    @classmethod
+    def of(cls, value: str, fold: bool = False) -> Pattern:
+        if fold:
+            value = value.casefold()
+        if "*" in value or "?" in value:
+            parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value]
+            return cls(value, re.compile("".join(parts), re.DOTALL))
+        return cls(value)
+
+    def matches(self, stored: str) -> bool:
+        if not stored:
+            return False  # K.2.2.1.1.1: an unknown value fails every non-universal key
+        if self.regex is not None:
+            return self.regex.fullmatch(stored) is not None
+        return stored == self.value
+
+
+@dataclass
+class WorklistQuery:
+    patterns: dict[str, Pattern] = field(default_factory=dict)
+    date_range: tuple[str, str] | None = None
+    time_range: tuple[str, str] | None = None
+    top_keys: list[Key] = field(default_factory=list)
+    sps_keys: list[Key] = field(default_factory=list)
+    sps_requested: bool = False
+    unsupported: list[str] = field(default_factory=list)
+
+    def database_filter(self) -> StepFilter:
+        equal = {
+            name: p.value
+            for name, p in self.patterns.items()
+            if p.regex is None and name in ("patient_id", "modality", "station_ae")
+        }
+        low, high = self.date_range or ("", "")
+        return StepFilter(equal=equal, date_low=low, date_high=high)
+
+    def matches(self, step: ScheduledStep) -> bool:
+        stored = {
+            "patient_id": step.patient_id,
+            "patient_name": alphabetic(step.patient_name).casefold(),
+            "modality": step.modality,
+            "station_ae": step.station_ae,
+            "performing_physician": alphabetic(step.performing_physician),
+        }
+        if not all(p.matches(stored[name]) for name, p in self.patterns.items()):
+            return False
+        when_time = step.start_time or ""
+        if self.date_range is not None:
+            if not step.start_date:
+                return False
+            t_low, t_high = self.time_range or ("", TIME_MAX)
+            d_low, d_high = self.date_range
+            low = (d_low or "00000000", t_low) if d_low else ("", "")
+            high = (d_high or "99999999", t_high) if d_high else ("99999999", TIME_MAX)
+            return low <= (step.start_date, when_time) <= high
+        if self.time_range is not None:
+            if not when_time:
+                return False
+            return self.time_range[0] <= when_time <= self.time_range[1]
+        return True
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def _encodings(identifier: Dataset) -> list[str] | None:
+    element = identifier.get_item(Tag("SpecificCharacterSet"))
+    terms: list[str] = []
+    if element is not None and element.value is not None:
+        raw = element.value
+        if isinstance(raw, bytes):
+            text = raw.decode("ascii", errors="replace")
+        elif isinstance(raw, str):
+            text = raw
+        else:
+            text = "\\".join(str(v) for v in raw)
+        terms = [t.strip(" \0") for t in text.split("\\")]
+    if not terms or terms == [""]:
+        return [python_encoding[LATIN_1]]
+    if any(term and term not in python_encoding for term in terms):
+        return None
+    return convert_encodings(terms)
+
+
+def _text(element: DataElement | RawDataElement, vr: str, encodings: list[str] | None) -> str:
+    """One element's value as text; "" for zero-length."""
+    value = element.value
+    tag = int(element.tag)
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        if value.isascii() and ESC not in value:
+            return value.decode("ascii").strip(" \0")
+        if vr not in TEXT_VRS:
+            raise FindError(IDENTIFIER_INVALID, "a value is not ASCII", (tag,))
+        if encodings is None:
+            raise FindError(
+                UNABLE_TO_PROCESS, "Specific Character Set not supported", (0x00080005,)
+            )
+        try:
+            text = decode_bytes(value, encodings, PN_DELIMITERS if vr == "PN" else TEXT_DELIMITERS)
+        except (UnicodeError, LookupError):
+            text = "\ufffd"
+        if "\ufffd" in text:
+            raise FindError(UNABLE_TO_PROCESS, "value invalid in its character set", (tag,))
+        return text.strip(" \0")
+    if isinstance(value, str):
+        return value.strip(" \0")
+    try:
+        return "\\".join(str(v) for v in value).strip(" \0")
+    except TypeError:
+        return str(value).strip(" \0")
+
+
+def _valid_date(value: str) -> bool:
+    if not DATE_RE.fullmatch(value):
+        return False
+    try:
+        date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return False
+    return True
+
+
+def _time_bounds(value: str) -> tuple[str, str] | None:
+    match = TIME_RE.fullmatch(value.replace(":", ""))
+    if not match:
+        return None
+    hh, mm, ss, frac = match.groups()
+    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
+        return None
+    low = normalize_time(hh + (mm or "00") + (ss or "00") + (f".{frac}" if frac else ""))
+    high = f"{hh}{mm}{ss}.{frac.ljust(6, '9')}" if frac else f"{hh}{mm or '59'}{ss or '59'}.999999"
+    return low, high
+
+
+def _date_range(value: str, tag: int) -> tuple[str, str]:
+    if "-" in value:
+        low, _, high = value.partition("-")
+    else:
+        low = high = value
+    if not (low or high) or not all(_valid_date(v) for v in (low, high) if v):
+        raise FindError(
+            IDENTIFIER_INVALID, "invalid date in Scheduled Procedure Step Start Date", (tag,)
+        )
+    return low, high
+
+
+def _time_range(value: str, tag: int) -> tuple[str, str]:
+    if "-" in value:
+        low_text, _, high_text = value.partition("-")
+        low = _time_bounds(low_text) if low_text else ("", "")
+        high = _time_bounds(high_text) if high_text else ("", TIME_MAX)
+        if low is None or high is None or not (low_text or high_text) or low[0] > high[1]:
+            raise FindError(IDENTIFIER_INVALID, "invalid time range in SPS Start Time", (tag,))
+        return low[0], high[1]
+    bounds = _time_bounds(value)
+    if bounds is None:
+        raise FindError(IDENTIFIER_INVALID, "invalid time in SPS Start Time", (tag,))
+    return bounds
+
+
+def _universal(value: str) -> bool:
+    return value == "" or value.strip("*") == ""
+
+
+def _has_value(parent: Dataset, tag: int, vr: str, enc: list[str] | None) -> bool:
+    """Whether an optional key carries a matching value (sequences: any value inside)."""
+    if vr == "SQ":
+        try:
+            items = parent[tag].value
+        except Exception:
+            return True
+        for item in items or ():
+            for sub_tag in list(item.keys()):
+                sub = item.get_item(sub_tag)
+                if sub is not None and _has_value(item, int(sub_tag), str(sub.VR or "UN"), enc):
+                    return True
+        return False
+    element = parent.get_item(tag)
+    return element is not None and not _universal(_text(element, vr, enc))
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+MATCH_COLUMNS = {
+    "PatientName": "patient_name",
+    "PatientID": "patient_id",
+    "Modality": "modality",
+    "ScheduledStationAETitle": "station_ae",
+    "ScheduledPerformingPhysicianName": "performing_physician",
+}
+
+
+def _match_key(query: WorklistQuery, key: Key, value: str) -> None:
+    if key.keyword == "ScheduledProcedureStepStartDate":
+        if not _universal(value):
+            query.date_range = _date_range(value, key.tag)
+        return
+    if key.keyword == "ScheduledProcedureStepStartTime":
+        if not _universal(value):
+            query.time_range = _time_range(value, key.tag)
+        return
+    if _universal(value):
+        return
+    if key.vr == "PN":
+        value = alphabetic(value)
+    query.patterns[MATCH_COLUMNS[key.keyword]] = Pattern.of(
+        value, fold=key.keyword == "PatientName"
+    )
+
+
+def parse_identifier(identifier: Dataset) -> WorklistQuery:
+    """Validate the identifier against the model; raises :class:`FindError`."""
+    encodings = _encodings(identifier)
+    query = WorklistQuery()
+    outside: list[int] = []
+    for raw_tag in list(identifier.keys()):
+        tag = BaseTag(raw_tag)
+        if tag.element == 0 or tag.group == 0x0002 or int(tag) in CONTROL_KEYS:
+            continue
+        element = identifier.get_item(tag)
+        if element is None:
+            continue
+        if int(tag) == SPS_SEQUENCE_TAG:
+            _parse_sps(identifier, query, encodings, outside)
+            continue
+        key = TOP_SUPPORTED_KEYS.get(int(tag))
+        if key is None:
+            if int(tag) in TOP_OTHER_KEYS:
+                query.unsupported.append(TOP_OTHER_KEYS[int(tag)].keyword)
+            else:
+                outside.append(int(tag))
+            continue
+        query.top_keys.append(key)
+        if key.keyword in MATCH_COLUMNS:
+            _match_key(query, key, _text(element, key.vr, encodings))
+        elif _has_value(identifier, int(tag), key.vr, encodings):
+            query.unsupported.append(key.keyword)  # optional matching key with a value
+    if outside:
+        raise FindError(
+            IDENTIFIER_INVALID,
+            "attributes outside the Modality Worklist Information Model",
+            tuple(outside),
+        )
+    return query
+
+
+def _parse_sps(
+    identifier: Dataset, query: WorklistQuery, encodings: list[str] | None, outside: list[int]
+) -> None:
+    query.sps_requested = True
+    items = identifier[SPS_SEQUENCE_TAG].value or []
+    if len(items) > 1:
+        raise FindError(
+            IDENTIFIER_INVALID,
+            "Scheduled Procedure Step Sequence has several items",
+            (SPS_SEQUENCE_TAG,),
+        )
+    if not items or not list(items[0].keys()):
+        query.sps_keys = list(SPS_SUPPORTED_KEYS.values())  # universal: the whole item
+        return
+    item = items[0]
+    for raw_tag in list(item.keys()):
+        tag = BaseTag(raw_tag)
+        if tag.element == 0 or int(tag) in CONTROL_KEYS:
+            continue
+        element = item.get_item(tag)
+        if element is None:
+            continue
+        key = SPS_SUPPORTED_KEYS.get(int(tag))
+        if key is None:
+            if int(tag) in SPS_OTHER_KEYS:
+                query.unsupported.append(SPS_OTHER_KEYS[int(tag)].keyword)
+            else:
+                outside.append(int(tag))
+            continue
+        query.sps_keys.append(key)
+        if key.keyword in MATCH_COLUMNS or key.keyword.startswith("ScheduledProcedureStepStart"):
+            _match_key(query, key, _text(element, key.vr, encodings))
+        elif _has_value(item, int(tag), key.vr, encodings):
+            query.unsupported.append(key.keyword)
+
+
+# --- responses -----------------------------------------------------------------------
+
+
+def _copy(target: Dataset, source: Dataset, key: Key) -> None:
+    element = source.get_item(key.tag)
+    if element is not None:
+        target[key.tag] = source[key.tag]
+    else:
+        target.add_new(key.tag, key.vr, [] if key.vr == "SQ" else None)
+
+
+def _needs(values: Dataset) -> str:
+    """The Specific Character Set a response needs: Latin-1 when it holds all its text."""
+    for element in values.iterall():
+        if element.VR in TEXT_VRS and element.value is not None:
+            text = str(element.value)
+            try:
+                text.encode("latin_1")
+            except UnicodeEncodeError:
+                return UTF_8
+    return LATIN_1
+
+
+def build_response(query: WorklistQuery, step: ScheduledStep) -> Dataset:
+    """One pending identifier: the requested supported keys, zero-length when unknown."""
+    stored = Dataset.from_json(step.dataset)
+    ds = Dataset()
+    for key in query.top_keys:
+        _copy(ds, stored, key)
+    if query.sps_requested:
+        stored_items = stored.get("ScheduledProcedureStepSequence") or [Dataset()]
+        item = Dataset()
+        for key in query.sps_keys:
+            _copy(item, stored_items[0], key)
+        ds.ScheduledProcedureStepSequence = [item]
+    response = Dataset()
+    response.SpecificCharacterSet = _needs(ds)
+    response.update(ds)
+    return response
+
+
+# --- handler -------------------------------------------------------------------------
+
+
+class CancelLatch:
+    """``event.is_cancelled`` that stays true once seen."""
+
+    def __init__(self, event: Any) -> None:
+        self._event = event
+        self._seen = False
+
+    def __call__(self) -> bool:
+        if not self._seen:
+            self._seen = bool(self._event.is_cancelled)
+        return self._seen
+
+
+def between_matches(is_cancelled: Callable[[], bool]) -> None:
+    """Runs after each pending response; the cancel test replaces it to wait for C-CANCEL."""
+
+
+FindResult = tuple[Dataset | int, Dataset | None]
+
+
+def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResult]]:
+    max_matches = int(ctx.settings.get("max_matches", 100))
+    check_every = max(1, int(ctx.settings.get("cancel_check_interval", 1)))
+
+    def handle_find(event: Any) -> Iterator[FindResult]:
+        log = logs.assoc_logger(event.assoc).bind(operation="C-FIND", sop_class="MWL")
+        try:
+            try:
+                query = parse_identifier(event.identifier)
+            except FindError:
+                raise
+            except Exception as exc:  # pydicom raises many kinds on a broken identifier
+                raise FindError(IDENTIFIER_INVALID, "identifier cannot be decoded") from exc
+            with ctx.db.read() as session:
+                steps = [
+                    s for s in candidate_steps(session, query.database_filter()) if query.matches(s)
+                ]
+        except FindError as error:
+            log.warning(
+                "c_find_handled",
+                status=f"0x{error.row.code:04X}",
+                reason=error.comment,
+                offending=[_tag_text(t) for t in error.offending],
+            )
+            yield error.status(), None
+            return
+        except (SQLAlchemyError, OSError, MemoryError) as exc:
+            log.error(
+                "c_find_handled",
+                status=f"0x{UNABLE_TO_PROCESS.code:04X}",
+                reason=f"database: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            )
+            yield FindError(UNABLE_TO_PROCESS, "worklist database unavailable").status(), None
+            return
+        fields: dict[str, Any] = {"matches": len(steps)}
+        if query.unsupported:
+            fields["unsupported"] = query.unsupported
+        if len(steps) > max_matches:
+            log.warning("c_find_handled", status=f"0x{OUT_OF_RESOURCES.code:04X}", **fields)
+            comment = f"{len(steps)} matches exceed the maximum of {max_matches}"
+            yield FindError(OUT_OF_RESOURCES, comment).status(), None
+            return
+        row = PENDING_UNSUPPORTED if query.unsupported else PENDING_ALL_SUPPORTED
+        cancelled = CancelLatch(event)
+        sent = 0
+        for step in steps:
+            if sent % check_every == 0 and cancelled():
+                log.info("c_find_handled", status=f"0x{CANCELLED.code:04X}", sent=sent, **fields)
+                yield CANCELLED.code, None
+                return
+            response = build_response(query, step)
+            log.debug("c_find_pending", status=f"0x{row.code:04X}", sps_id=step.sps_id)
+            yield row.code, response
+            sent += 1
+            between_matches(cancelled)
+        if sent and cancelled():
+            log.info("c_find_handled", status=f"0x{CANCELLED.code:04X}", sent=sent, **fields)
+            yield CANCELLED.code, None
+            return
+        log.info("c_find_handled", status=f"0x{SUCCESS_ROW.code:04X}", sent=sent, **fields)
+        yield SUCCESS_ROW.code, None
+
+    return handle_find
