@@ -453,6 +453,7 @@ def start_acceptor(
     thread = threading.Thread(
         target=server.serve_forever, name=f"acceptor-{ae.config.key}", daemon=True
     )
+    server.thread = thread  # type: ignore[attr-defined]
     thread.start()
     ae._servers.append(server)
     return cast(NoDelayServer, server)
