@@ -18,6 +18,11 @@ What it changes, and why:
   (1, 2, 1) as the statement says, where pynetdicom would send an A-ABORT; a
   protocol version without bit 0 is rejected (1, 2, 2) through the same path,
   so both are logged like every other rejection.
+* DICOM TLS (``servers.core.tls``): an AE with a certificate accepts TLS only;
+  the handshake runs on the connection's own thread under the network
+  timeout, so a peer that stalls it never holds up the accept loop. An AE
+  initiating to a remote with ``tls = true`` uses TLS (:meth:`DicomlabAE.associate`).
+* User Identity negotiation (``servers.core.identity``) per the AE's policy.
 * DIMSE requests are dispatched to the service class a plugin declared for the
   SOP class, before pynetdicom's own table, so a service can replace
   pynetdicom's behaviour (C-MOVE, Storage Commitment) or add a SOP class.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from copy import deepcopy
@@ -42,7 +48,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.service_class import ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -53,7 +59,8 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-from servers.core.config import AEConfig
+from servers.core import identity, tls
+from servers.core.config import AEConfig, RemoteAE
 from servers.core.logs import assoc_logger
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
@@ -66,6 +73,9 @@ REJECT_CALLING_AE = (1, 1, 3)
 REJECT_NO_REASON = (1, 1, 1)
 REJECT_UNPARSABLE = (1, 2, 1)
 REJECT_PROTOCOL_VERSION = (1, 2, 2)
+# PS3.7 D.3.3.7.2: an authorisation failure is rejected-permanent by the ACSE-related
+# service provider. Same code as an unparsable request; a row of its own explains it.
+REJECT_USER_IDENTITY = (1, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,15 @@ REJECTION_ROWS: tuple[RejectionRow, ...] = (
         "not offer version 1 of the DICOM Upper Layer protocol (PS3.8 9.3.2). Added from "
         "PS3.8: the sample statement's table has no row for this case.",
     ),
+    RejectionRow(
+        *REJECT_USER_IDENTITY,
+        "no-reason-given",
+        "The AE's user_identity policy is optional or required and the request's User "
+        "Identity does not satisfy it: an unknown username, a wrong passcode, or (when "
+        "required) no username and passcode. This is the rejection PS3.7 D.3.3.7.2 names "
+        "for an authorisation failure; the sample statement has no User Identity "
+        "negotiation. Never sent while user_identity is ignore.",
+    ),
 )
 REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
     row.rsd: row.meaning for row in REJECTION_ROWS
@@ -150,9 +169,16 @@ class NoDelaySocket(AssociationSocket):
 class DicomlabAE(ApplicationEntity):
     """A pynetdicom AE that knows its configuration and declared service classes."""
 
-    def __init__(self, config: AEConfig, service_classes: Mapping[str, type[ServiceClass]]):
+    def __init__(
+        self,
+        config: AEConfig,
+        service_classes: Mapping[str, type[ServiceClass]],
+        remotes: Mapping[str, RemoteAE] | None = None,
+    ):
         super().__init__(ae_title=config.title)
         self.config = config
+        # The remote AE table: which peers this AE reaches over TLS.
+        self.remotes: Mapping[str, RemoteAE] = dict(remotes or {})
         self.service_classes = dict(service_classes)
         self.maximum_pdu_size = config.max_pdu
         self.maximum_associations = config.max_associations
@@ -173,6 +199,32 @@ class DicomlabAE(ApplicationEntity):
         # the count before either is established.
         self._slots_lock = threading.Lock()
         self._slots: set[Association] = set()
+
+    def tls_args_for(self, remote: RemoteAE | None) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for an association to ``remote``; ``None`` without TLS.
+
+        The context presents this AE's certificate (if it has one) and checks the
+        remote's against this AE's ``tls_ca``.
+        """
+        if remote is None or not remote.tls:
+            return None
+        return (tls.client_context(self.config), remote.host)
+
+    def associate(  # type: ignore[override]
+        self, addr: str, port: int, *args: Any, **kwargs: Any
+    ) -> Association:
+        """pynetdicom's ``associate``, over TLS when ``ae_title`` is a remote with ``tls = true``.
+
+        The remote is looked up by AE title and must be at the configured address,
+        so a service that opens associations (C-MOVE, Storage Commitment reports)
+        needs no TLS code of its own.
+        """
+        if kwargs.get("tls_args") is None:
+            title = kwargs.get("ae_title", args[1] if len(args) > 1 else "")
+            remote = self.remotes.get(str(title).strip())
+            if remote is not None and (remote.host, remote.port) == (addr, port):
+                kwargs["tls_args"] = self.tls_args_for(remote)
+        return super().associate(addr, port, *args, **kwargs)
 
     def take_slot(self, assoc: Association, calling_ae: str) -> bool:
         """Admit ``assoc`` under the total and per-calling-AE limits, atomically."""
@@ -303,9 +355,37 @@ class PolicyACSE(ACSE):
             # No row of the rejection table names the peer's address; the digest's
             # B2 resolution answers with the generic service-user rejection.
             return REJECT_NO_REASON
+        if not self._identity_accepted():
+            return REJECT_USER_IDENTITY
         if not ae.take_slot(self.assoc, calling):
             return REJECT_LIMIT
         return None
+
+    def _identity_accepted(self) -> bool:
+        """Apply the AE's user_identity policy; log who the peer is."""
+        policy = cast(DicomlabAE, self.assoc.ae).config
+        if policy.user_identity == "ignore":
+            return True
+        item = self.requestor.user_identity
+        decision = identity.decide(
+            policy.user_identity,
+            policy.users,
+            item.user_identity_type if item is not None else None,
+            bytes(item.primary_field or b"") if item is not None else b"",
+            bytes(item.secondary_field or b"") if item is not None else b"",
+        )
+        log = assoc_logger(self.assoc)
+        if decision.user:
+            log = log.bind(user=decision.user)
+            self.assoc._dicomlab_log = log  # type: ignore[attr-defined]
+        self.assoc.user_identity_accepted = decision.accepted and bool(decision.user)  # type: ignore[attr-defined]
+        if decision.accepted:
+            log.info("user_identity_accepted", reason=decision.reason)
+        else:
+            log.warning("user_identity_rejected", reason=decision.reason)
+            if self.dul is not None:
+                cast(PolicyDUL, self.dul).rejection_detail = decision.reason
+        return decision.accepted
 
     def _reject(self, rsd: tuple[int, int, int]) -> None:
         self.assoc.rejection = rsd  # type: ignore[attr-defined]
@@ -323,9 +403,20 @@ class PolicyACSE(ACSE):
             self._reject(rejection)
             return
 
-        # No user identity negotiation (digest 7.2): a User Identity item is
-        # ignored and gets no response, as PS3.7 D.3.3.7 allows. SOP class
-        # extended negotiation is answered as pynetdicom does (no items bound).
+        # With user_identity = "ignore" (digest 7.2) a User Identity item gets no
+        # response, as PS3.7 D.3.3.7 allows. An accepted username (and passcode)
+        # is confirmed when the peer asks, with an empty server response
+        # (D.3.3.7.2: types 1 and 2 have no server response value).
+        requested = self.requestor.user_identity
+        if (
+            getattr(self.assoc, "user_identity_accepted", False)
+            and requested is not None
+            and requested.positive_response_requested
+        ):
+            response = UserIdentityNegotiation()
+            response.server_response = b""
+            self.acceptor.add_negotiation_item(response)
+        # SOP class extended negotiation is answered as pynetdicom does (no items bound).
         for item in self._check_sop_class_extended():
             self.acceptor.add_negotiation_item(item)
         self.acceptor._common_ext = self._check_sop_class_common_extended()
@@ -400,6 +491,22 @@ class DicomlabAssociation(Association):
 
 
 class DicomlabRequestHandler(RequestHandler):
+    def handle(self) -> None:
+        """Finish the TLS handshake (if any) on this connection's thread, then associate."""
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                ae = cast(DicomlabAE, self.ae)
+                host, port = self.client_address[:2]
+                tls_log = assoc_logger_for_connection(ae, f"{host}:{port}")
+                tls_log.warning("tls_handshake_failed", reason=f"{type(exc).__name__}: {exc}"[:300])
+                with contextlib.suppress(OSError):
+                    sock.close()
+                return
+        super().handle()
+
     def _create_association(self) -> Association:
         ae = cast(DicomlabAE, self.ae)
         assoc = DicomlabAssociation(ae, MODE_ACCEPTOR)
@@ -423,17 +530,29 @@ class DicomlabRequestHandler(RequestHandler):
         return assoc
 
 
+def assoc_logger_for_connection(ae: DicomlabAE, peer: str) -> Any:
+    from servers.core.logs import get_logger
+
+    return get_logger(peer=peer, ae=ae.config.title)
+
+
 class NoDelayServer(ThreadedAssociationServer):
     """Threaded acceptor that sets TCP_NODELAY on every accepted socket."""
 
     daemon_threads = True
+    thread: threading.Thread | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        # Not super(): it would run the TLS handshake here, on the accept loop.
+        client, address = cast(socket.socket, self.socket).accept()
         set_nodelay(client)
         # "Time-out waiting for data between TCP/IP packets" (Table F.4.4-2): a
         # PDU that stops arriving half-way ends the connection (event 17).
         client.settimeout(cast(DicomlabAE, self.ae).config.network_timeout)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
 
@@ -442,18 +561,22 @@ def start_acceptor(
     host: str,
     handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list[Any]]],
 ) -> NoDelayServer:
-    """Bind and serve ``ae`` on ``host:ae.config.port`` in a background thread."""
+    """Bind and serve ``ae`` on ``host:ae.config.port`` in a background thread.
+
+    With a certificate configured the port speaks TLS only (:mod:`servers.core.tls`).
+    """
     server = ae.make_server(
         (host, ae.config.port),
         ae_title=ae.config.title,
         evt_handlers=handlers,
+        ssl_context=tls.server_context(ae.config),
         server_class=NoDelayServer,
         request_handler=DicomlabRequestHandler,
     )
     thread = threading.Thread(
         target=server.serve_forever, name=f"acceptor-{ae.config.key}", daemon=True
     )
-    server.thread = thread  # type: ignore[attr-defined]
+    cast(NoDelayServer, server).thread = thread
     thread.start()
     ae._servers.append(server)
     return cast(NoDelayServer, server)
