@@ -8,6 +8,10 @@ What it changes, and why:
 * Accepted sockets get the low-level ``network_timeout``, so a peer that
   stops sending in the middle of a PDU is dropped instead of holding two
   threads forever (pynetdicom leaves accepted sockets blocking).
+* The whole A-ASSOCIATE-RQ must arrive within ``acse_timeout`` of the
+  connection (a slow-loris peer trickling bytes just under the network timeout
+  is dropped), and no PDU may declare more than ``max(max_pdu, 1 MiB)`` bytes
+  (a peer cannot make the server buffer gigabytes): pynetdicom checks neither.
 * Association acceptance follows the statements' rejection tables
   (Annex F Tables F.4.2-14/-29): application context, calling AE allow-list,
   called AE title, IP allow-list, total and per-calling-AE limits, and a
@@ -35,6 +39,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 from pynetdicom.presentation import negotiate_as_acceptor
@@ -166,6 +172,52 @@ class NoDelaySocket(AssociationSocket):
         return sock
 
 
+# No PDU may declare a longer body than this, or the AE's maximum PDU length if larger.
+PDU_LENGTH_LIMIT = 1 << 20
+
+
+class GuardedSocket(AssociationSocket):
+    """Acceptor socket with a deadline for the association request and a PDU length cap.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the time until the first PDU
+    is complete; :class:`PolicyDUL` clears it once that PDU is read. A read the DUL
+    asks for beyond ``max_read`` bytes fails as a closed connection (event 17).
+    """
+
+    def __init__(
+        self, assoc: Association, client_socket: socket.socket, deadline: float, max_read: int
+    ) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self.deadline: float | None = deadline
+        self.max_read = max_read
+        self.network_timeout = client_socket.gettimeout()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.max_read:
+            raise OSError(f"PDU length {nr_bytes} exceeds the limit of {self.max_read} bytes")
+        if self.deadline is None:
+            return super().recv(nr_bytes)
+        sock = cast(socket.socket, self.socket)
+        data = bytearray()
+        while len(data) < nr_bytes:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("association request not complete within acse_timeout")
+            timeout = self.network_timeout
+            sock.settimeout(remaining if timeout is None else min(timeout, remaining))
+            chunk = sock.recv(min(4096, nr_bytes - len(data)))
+            if not chunk:
+                break
+            data.extend(chunk)
+        return data
+
+    def end_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline = None
+            if self.socket is not None:
+                self.socket.settimeout(self.network_timeout)
+
+
 class DicomlabAE(ApplicationEntity):
     """A pynetdicom AE that knows its configuration and declared service classes."""
 
@@ -269,6 +321,27 @@ def _ip_allowed(address: str, allow: tuple[str, ...]) -> bool:
     return False
 
 
+# Local service primitives: A-ASSOCIATE response (accept, reject), P-DATA, A-RELEASE
+# request and response, A-ABORT request.
+_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+class TolerantStateMachine(StateMachine):
+    """PS3.8's state machine, dropping a local primitive that arrives in Sta13.
+
+    A peer that sends an A-ASSOCIATE-RQ followed at once by garbage gets an A-ABORT
+    (Sta13, awaiting the close) while the ACSE is still deciding on the request; its
+    answer (event 8) then has no transition and pynetdicom's DUL thread dies with
+    ``InvalidEventError``. PS3.8 Table 9-10 gives Sta13 no local events: the answer
+    is moot, so it is dropped and the connection closes as it should.
+    """
+
+    def do_action(self, event: str) -> None:
+        if self.current_state == "Sta13" and event in _LOCAL_PRIMITIVE_EVENTS:
+            return
+        super().do_action(event)
+
+
 class PolicyDUL(DULServiceProvider):
     """DUL that turns an undecodable A-ASSOCIATE-RQ into a rejectable request.
 
@@ -281,8 +354,15 @@ class PolicyDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self.state_machine = TolerantStateMachine(self)
         self.rejection: tuple[int, int, int] | None = None
         self.rejection_detail = ""
+
+    def _read_pdu_data(self) -> None:
+        super()._read_pdu_data()
+        # The first PDU is in (or the connection is gone): the request deadline is over.
+        if isinstance(self.socket, GuardedSocket):
+            self.socket.end_deadline()
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
         # Sta1 as well: the PDU can be read before event 5 (connection open) is processed.
@@ -512,7 +592,13 @@ class DicomlabRequestHandler(RequestHandler):
         assoc = DicomlabAssociation(ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        sock = AssociationSocket(assoc, client_socket=cast(socket.socket, self.request))
+        sock = GuardedSocket(
+            assoc,
+            client_socket=cast(socket.socket, self.request),
+            deadline=time.monotonic() + ae.config.acse_timeout,
+            # max_pdu 0 is "no limit" (PS3.8 D.1): then neither is there a cap.
+            max_read=max(ae.maximum_pdu_size, PDU_LENGTH_LIMIT) if ae.maximum_pdu_size else 1 << 32,
+        )
         assoc.set_socket(sock)
         assoc.acceptor.maximum_length = ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
