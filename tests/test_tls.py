@@ -349,3 +349,23 @@ def test_statement_security_section_names_the_profile(pki: Pki) -> None:
     assert "| EX_STORE_SCP | TLS" in section
     plain = render(config_mod.load(environ={}), "archive")
     assert "No AE uses TLS" in plain[plain.index("## 7 Security") :]
+
+
+@pytest.mark.dcmtk
+def test_dcmtk_echoscu_over_tls(tls_suite: Suite, pki: Pki, dcmtk: Callable[[str], str]) -> None:
+    """An independent TLS client: DCMTK's echoscu with the test CA's client certificate."""
+    echoscu = dcmtk("echoscu")
+    port = str(tls_suite.port_of("storage_scp"))
+    common = [echoscu, "-aet", "TLS_SCU", "-aec", "EX_STORE_SCP", "+cf", str(pki.ca)]
+    good = subprocess.run(
+        [*common[:1], "+tls", str(pki.client_key), str(pki.client_cert), *common[1:],
+         "-pem", "127.0.0.1", port],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stdout + good.stderr
+    rogue = subprocess.run(
+        [*common[:1], "+tls", str(pki.rogue_key), str(pki.rogue_cert), *common[1:],
+         "-pem", "127.0.0.1", port],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rogue.returncode != 0
