@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from servers.core import config as config_mod
-from servers.core import logs
+from servers.core import logs, systemd
 from servers.core.declaration import StartupError
 from servers.core.toml_out import dumps
 
@@ -49,12 +49,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     suite.start()
     print(banner(suite), file=sys.stderr, flush=True)
     log.info("suite_ready", config=config.source, data_dir=str(config.data_dir))
+    watchdog = _systemd_ready(suite, log)
     try:
         stop.wait()
     finally:
+        systemd.notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.stop()
         suite.stop()
         log.info("suite_stopped")
     return 0
+
+
+def _systemd_ready(suite: Any, log: Any) -> systemd.Watchdog | None:
+    """Under a Type=notify unit: READY=1, and the watchdog when WatchdogSec= is set."""
+    listening = ", ".join(
+        f"{r.config.title}:{r.config.port}" for r in suite.aes.values() if r.config.listens
+    )
+    if not systemd.notify(f"READY=1\nSTATUS=serving {listening}"):
+        return None
+    interval = systemd.watchdog_interval()
+    log.info("systemd_notified", state="READY=1", watchdog_interval=interval)
+    if interval is None:
+        return None
+    watchdog = systemd.Watchdog(interval, lambda: systemd.suite_healthy(suite), log)
+    watchdog.start()
+    return watchdog
 
 
 def banner(suite: Any) -> str:

@@ -110,7 +110,20 @@ AE_DEFAULTS: dict[str, Any] = {
     "network_timeout": 30,
     "idle_timeout": 900,
     "dimse_timeout": 300,
+    # DICOM TLS (PS3.15 B.9, BCP 195): PEM files. With tls_cert and tls_key the AE's
+    # port speaks TLS only, and the AE presents them when it initiates to a remote
+    # with tls = true; tls_ca holds the certificates peers' certificates must chain to.
+    "tls_cert": "",
+    "tls_key": "",
+    "tls_ca": "",
+    "tls_require_client_cert": True,
+    # User Identity negotiation (PS3.7 D.3.3.7): "ignore", "optional" or "required";
+    # users: username -> salted hash from `python -m servers.core.identity`.
+    "user_identity": "ignore",
+    "users": {},
 }
+
+USER_IDENTITY_POLICIES = ("ignore", "optional", "required")
 
 
 @dataclass(frozen=True)
@@ -136,10 +149,21 @@ class AEConfig:
     network_timeout: float
     idle_timeout: float
     dimse_timeout: float
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_require_client_cert: bool = True
+    user_identity: str = "ignore"
+    users: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def listens(self) -> bool:
         return self.port > 0 and self.enabled
+
+    @property
+    def tls(self) -> bool:
+        """The AE has a certificate: its port speaks TLS only."""
+        return bool(self.tls_cert)
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,7 @@ class RemoteAE:
     title: str
     host: str
     port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,13 +278,48 @@ def _ae_config(key: str, raw: Mapping[str, Any]) -> AEConfig:
         network_timeout=float(values["network_timeout"]),
         idle_timeout=float(values["idle_timeout"]),
         dimse_timeout=float(values["dimse_timeout"]),
+        **_security_settings(key, values),
     )
+
+
+def _security_settings(key: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """TLS and User Identity settings of ``[ae.KEY]``, checked."""
+    tls = {name: str(values[name]) for name in ("tls_cert", "tls_key", "tls_ca")}
+    if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
+        raise StartupError(f"[ae.{key}] tls_cert and tls_key go together: set both or neither")
+    if tls["tls_cert"] and not tls["tls_ca"]:
+        raise StartupError(
+            f"[ae.{key}] TLS needs tls_ca, the CA certificates peers' certificates are checked "
+            "against"
+        )
+    policy = str(values["user_identity"])
+    if policy not in USER_IDENTITY_POLICIES:
+        raise StartupError(
+            f"[ae.{key}] user_identity must be one of {', '.join(USER_IDENTITY_POLICIES)}, "
+            f"got {policy!r}"
+        )
+    users = values["users"]
+    if not isinstance(users, Mapping) or not all(isinstance(v, str) for v in users.values()):
+        raise StartupError(f'[ae.{key}] users must be a table of username = "hash"')
+    if policy == "required" and not users:
+        raise StartupError(f'[ae.{key}] user_identity = "required" needs at least one user')
+    return {
+        **tls,
+        "tls_require_client_cert": bool(values["tls_require_client_cert"]),
+        "user_identity": policy,
+        "users": {str(k): v for k, v in users.items()},
+    }
 
 
 def _remote(key: str, raw: Mapping[str, Any]) -> RemoteAE:
     try:
         title = str(raw.get("title", key)).strip()
-        return RemoteAE(title=title, host=str(raw["host"]), port=int(raw["port"]))
+        return RemoteAE(
+            title=title,
+            host=str(raw["host"]),
+            port=int(raw["port"]),
+            tls=bool(raw.get("tls", False)),
+        )
     except KeyError as exc:
         raise StartupError(f"[remote.{key}] needs {exc.args[0]!r}") from None
 

@@ -8,6 +8,10 @@ What it changes, and why:
 * Accepted sockets get the low-level ``network_timeout``, so a peer that
   stops sending in the middle of a PDU is dropped instead of holding two
   threads forever (pynetdicom leaves accepted sockets blocking).
+* The whole A-ASSOCIATE-RQ must arrive within ``acse_timeout`` of the
+  connection (a slow-loris peer trickling bytes just under the network timeout
+  is dropped), and no PDU may declare more than ``max(max_pdu, 1 MiB)`` bytes
+  (a peer cannot make the server buffer gigabytes): pynetdicom checks neither.
 * Association acceptance follows the statements' rejection tables
   (Annex F Tables F.4.2-14/-29): application context, calling AE allow-list,
   called AE title, IP allow-list, total and per-calling-AE limits, and a
@@ -18,6 +22,11 @@ What it changes, and why:
   (1, 2, 1) as the statement says, where pynetdicom would send an A-ABORT; a
   protocol version without bit 0 is rejected (1, 2, 2) through the same path,
   so both are logged like every other rejection.
+* DICOM TLS (``servers.core.tls``): an AE with a certificate accepts TLS only;
+  the handshake runs on the connection's own thread under the network
+  timeout, so a peer that stalls it never holds up the accept loop. An AE
+  initiating to a remote with ``tls = true`` uses TLS (:meth:`DicomlabAE.associate`).
+* User Identity negotiation (``servers.core.identity``) per the AE's policy.
 * DIMSE requests are dispatched to the service class a plugin declared for the
   SOP class, before pynetdicom's own table, so a service can replace
   pynetdicom's behaviour (C-MOVE, Storage Commitment) or add a SOP class.
@@ -28,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
@@ -41,8 +52,9 @@ from pynetdicom.acse import ACSE
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.service_class import ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -53,7 +65,8 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-from servers.core.config import AEConfig
+from servers.core import identity, tls
+from servers.core.config import AEConfig, RemoteAE
 from servers.core.logs import assoc_logger
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
@@ -66,6 +79,9 @@ REJECT_CALLING_AE = (1, 1, 3)
 REJECT_NO_REASON = (1, 1, 1)
 REJECT_UNPARSABLE = (1, 2, 1)
 REJECT_PROTOCOL_VERSION = (1, 2, 2)
+# PS3.7 D.3.3.7.2: an authorisation failure is rejected-permanent by the ACSE-related
+# service provider. Same code as an unparsable request; a row of its own explains it.
+REJECT_USER_IDENTITY = (1, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,15 @@ REJECTION_ROWS: tuple[RejectionRow, ...] = (
         "not offer version 1 of the DICOM Upper Layer protocol (PS3.8 9.3.2). Added from "
         "PS3.8: the sample statement's table has no row for this case.",
     ),
+    RejectionRow(
+        *REJECT_USER_IDENTITY,
+        "no-reason-given",
+        "The AE's user_identity policy is optional or required and the request's User "
+        "Identity does not satisfy it: an unknown username, a wrong passcode, or (when "
+        "required) no username and passcode. This is the rejection PS3.7 D.3.3.7.2 names "
+        "for an authorisation failure; the sample statement has no User Identity "
+        "negotiation. Never sent while user_identity is ignore.",
+    ),
 )
 REJECT_REASONS: Mapping[tuple[int, int, int], str] = {
     row.rsd: row.meaning for row in REJECTION_ROWS
@@ -147,12 +172,65 @@ class NoDelaySocket(AssociationSocket):
         return sock
 
 
+# No PDU may declare a longer body than this, or the AE's maximum PDU length if larger.
+PDU_LENGTH_LIMIT = 1 << 20
+
+
+class GuardedSocket(AssociationSocket):
+    """Acceptor socket with a deadline for the association request and a PDU length cap.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the time until the first PDU
+    is complete; :class:`PolicyDUL` clears it once that PDU is read. A read the DUL
+    asks for beyond ``max_read`` bytes fails as a closed connection (event 17).
+    """
+
+    def __init__(
+        self, assoc: Association, client_socket: socket.socket, deadline: float, max_read: int
+    ) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self.deadline: float | None = deadline
+        self.max_read = max_read
+        self.network_timeout = client_socket.gettimeout()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.max_read:
+            raise OSError(f"PDU length {nr_bytes} exceeds the limit of {self.max_read} bytes")
+        if self.deadline is None:
+            return super().recv(nr_bytes)
+        sock = cast(socket.socket, self.socket)
+        data = bytearray()
+        while len(data) < nr_bytes:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("association request not complete within acse_timeout")
+            timeout = self.network_timeout
+            sock.settimeout(remaining if timeout is None else min(timeout, remaining))
+            chunk = sock.recv(min(4096, nr_bytes - len(data)))
+            if not chunk:
+                break
+            data.extend(chunk)
+        return data
+
+    def end_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline = None
+            if self.socket is not None:
+                self.socket.settimeout(self.network_timeout)
+
+
 class DicomlabAE(ApplicationEntity):
     """A pynetdicom AE that knows its configuration and declared service classes."""
 
-    def __init__(self, config: AEConfig, service_classes: Mapping[str, type[ServiceClass]]):
+    def __init__(
+        self,
+        config: AEConfig,
+        service_classes: Mapping[str, type[ServiceClass]],
+        remotes: Mapping[str, RemoteAE] | None = None,
+    ):
         super().__init__(ae_title=config.title)
         self.config = config
+        # The remote AE table: which peers this AE reaches over TLS.
+        self.remotes: Mapping[str, RemoteAE] = dict(remotes or {})
         self.service_classes = dict(service_classes)
         self.maximum_pdu_size = config.max_pdu
         self.maximum_associations = config.max_associations
@@ -173,6 +251,32 @@ class DicomlabAE(ApplicationEntity):
         # the count before either is established.
         self._slots_lock = threading.Lock()
         self._slots: set[Association] = set()
+
+    def tls_args_for(self, remote: RemoteAE | None) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for an association to ``remote``; ``None`` without TLS.
+
+        The context presents this AE's certificate (if it has one) and checks the
+        remote's against this AE's ``tls_ca``.
+        """
+        if remote is None or not remote.tls:
+            return None
+        return (tls.client_context(self.config), remote.host)
+
+    def associate(  # type: ignore[override]
+        self, addr: str, port: int, *args: Any, **kwargs: Any
+    ) -> Association:
+        """pynetdicom's ``associate``, over TLS when ``ae_title`` is a remote with ``tls = true``.
+
+        The remote is looked up by AE title and must be at the configured address,
+        so a service that opens associations (C-MOVE, Storage Commitment reports)
+        needs no TLS code of its own.
+        """
+        if kwargs.get("tls_args") is None:
+            title = kwargs.get("ae_title", args[1] if len(args) > 1 else "")
+            remote = self.remotes.get(str(title).strip())
+            if remote is not None and (remote.host, remote.port) == (addr, port):
+                kwargs["tls_args"] = self.tls_args_for(remote)
+        return super().associate(addr, port, *args, **kwargs)
 
     def take_slot(self, assoc: Association, calling_ae: str) -> bool:
         """Admit ``assoc`` under the total and per-calling-AE limits, atomically."""
@@ -217,6 +321,27 @@ def _ip_allowed(address: str, allow: tuple[str, ...]) -> bool:
     return False
 
 
+# Local service primitives: A-ASSOCIATE response (accept, reject), P-DATA, A-RELEASE
+# request and response, A-ABORT request.
+_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+class TolerantStateMachine(StateMachine):
+    """PS3.8's state machine, dropping a local primitive that arrives in Sta13.
+
+    A peer that sends an A-ASSOCIATE-RQ followed at once by garbage gets an A-ABORT
+    (Sta13, awaiting the close) while the ACSE is still deciding on the request; its
+    answer (event 8) then has no transition and pynetdicom's DUL thread dies with
+    ``InvalidEventError``. PS3.8 Table 9-10 gives Sta13 no local events: the answer
+    is moot, so it is dropped and the connection closes as it should.
+    """
+
+    def do_action(self, event: str) -> None:
+        if self.current_state == "Sta13" and event in _LOCAL_PRIMITIVE_EVENTS:
+            return
+        super().do_action(event)
+
+
 class PolicyDUL(DULServiceProvider):
     """DUL that turns an undecodable A-ASSOCIATE-RQ into a rejectable request.
 
@@ -229,8 +354,15 @@ class PolicyDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
+        self.state_machine = TolerantStateMachine(self)
         self.rejection: tuple[int, int, int] | None = None
         self.rejection_detail = ""
+
+    def _read_pdu_data(self) -> None:
+        super()._read_pdu_data()
+        # The first PDU is in (or the connection is gone): the request deadline is over.
+        if isinstance(self.socket, GuardedSocket):
+            self.socket.end_deadline()
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
         # Sta1 as well: the PDU can be read before event 5 (connection open) is processed.
@@ -303,9 +435,37 @@ class PolicyACSE(ACSE):
             # No row of the rejection table names the peer's address; the digest's
             # B2 resolution answers with the generic service-user rejection.
             return REJECT_NO_REASON
+        if not self._identity_accepted():
+            return REJECT_USER_IDENTITY
         if not ae.take_slot(self.assoc, calling):
             return REJECT_LIMIT
         return None
+
+    def _identity_accepted(self) -> bool:
+        """Apply the AE's user_identity policy; log who the peer is."""
+        policy = cast(DicomlabAE, self.assoc.ae).config
+        if policy.user_identity == "ignore":
+            return True
+        item = self.requestor.user_identity
+        decision = identity.decide(
+            policy.user_identity,
+            policy.users,
+            item.user_identity_type if item is not None else None,
+            bytes(item.primary_field or b"") if item is not None else b"",
+            bytes(item.secondary_field or b"") if item is not None else b"",
+        )
+        log = assoc_logger(self.assoc)
+        if decision.user:
+            log = log.bind(user=decision.user)
+            self.assoc._dicomlab_log = log  # type: ignore[attr-defined]
+        self.assoc.user_identity_accepted = decision.accepted and bool(decision.user)  # type: ignore[attr-defined]
+        if decision.accepted:
+            log.info("user_identity_accepted", reason=decision.reason)
+        else:
+            log.warning("user_identity_rejected", reason=decision.reason)
+            if self.dul is not None:
+                cast(PolicyDUL, self.dul).rejection_detail = decision.reason
+        return decision.accepted
 
     def _reject(self, rsd: tuple[int, int, int]) -> None:
         self.assoc.rejection = rsd  # type: ignore[attr-defined]
@@ -323,9 +483,20 @@ class PolicyACSE(ACSE):
             self._reject(rejection)
             return
 
-        # No user identity negotiation (digest 7.2): a User Identity item is
-        # ignored and gets no response, as PS3.7 D.3.3.7 allows. SOP class
-        # extended negotiation is answered as pynetdicom does (no items bound).
+        # With user_identity = "ignore" (digest 7.2) a User Identity item gets no
+        # response, as PS3.7 D.3.3.7 allows. An accepted username (and passcode)
+        # is confirmed when the peer asks, with an empty server response
+        # (D.3.3.7.2: types 1 and 2 have no server response value).
+        requested = self.requestor.user_identity
+        if (
+            getattr(self.assoc, "user_identity_accepted", False)
+            and requested is not None
+            and requested.positive_response_requested
+        ):
+            response = UserIdentityNegotiation()
+            response.server_response = b""
+            self.acceptor.add_negotiation_item(response)
+        # SOP class extended negotiation is answered as pynetdicom does (no items bound).
         for item in self._check_sop_class_extended():
             self.acceptor.add_negotiation_item(item)
         self.acceptor._common_ext = self._check_sop_class_common_extended()
@@ -400,12 +571,34 @@ class DicomlabAssociation(Association):
 
 
 class DicomlabRequestHandler(RequestHandler):
+    def handle(self) -> None:
+        """Finish the TLS handshake (if any) on this connection's thread, then associate."""
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                ae = cast(DicomlabAE, self.ae)
+                host, port = self.client_address[:2]
+                tls_log = assoc_logger_for_connection(ae, f"{host}:{port}")
+                tls_log.warning("tls_handshake_failed", reason=f"{type(exc).__name__}: {exc}"[:300])
+                with contextlib.suppress(OSError):
+                    sock.close()
+                return
+        super().handle()
+
     def _create_association(self) -> Association:
         ae = cast(DicomlabAE, self.ae)
         assoc = DicomlabAssociation(ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        sock = AssociationSocket(assoc, client_socket=cast(socket.socket, self.request))
+        sock = GuardedSocket(
+            assoc,
+            client_socket=cast(socket.socket, self.request),
+            deadline=time.monotonic() + ae.config.acse_timeout,
+            # max_pdu 0 is "no limit" (PS3.8 D.1): then neither is there a cap.
+            max_read=max(ae.maximum_pdu_size, PDU_LENGTH_LIMIT) if ae.maximum_pdu_size else 1 << 32,
+        )
         assoc.set_socket(sock)
         assoc.acceptor.maximum_length = ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
@@ -423,17 +616,29 @@ class DicomlabRequestHandler(RequestHandler):
         return assoc
 
 
+def assoc_logger_for_connection(ae: DicomlabAE, peer: str) -> Any:
+    from servers.core.logs import get_logger
+
+    return get_logger(peer=peer, ae=ae.config.title)
+
+
 class NoDelayServer(ThreadedAssociationServer):
     """Threaded acceptor that sets TCP_NODELAY on every accepted socket."""
 
     daemon_threads = True
+    thread: threading.Thread | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        # Not super(): it would run the TLS handshake here, on the accept loop.
+        client, address = cast(socket.socket, self.socket).accept()
         set_nodelay(client)
         # "Time-out waiting for data between TCP/IP packets" (Table F.4.4-2): a
         # PDU that stops arriving half-way ends the connection (event 17).
         client.settimeout(cast(DicomlabAE, self.ae).config.network_timeout)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
 
@@ -442,17 +647,22 @@ def start_acceptor(
     host: str,
     handlers: list[tuple[Any, Callable[..., Any]] | tuple[Any, Callable[..., Any], list[Any]]],
 ) -> NoDelayServer:
-    """Bind and serve ``ae`` on ``host:ae.config.port`` in a background thread."""
+    """Bind and serve ``ae`` on ``host:ae.config.port`` in a background thread.
+
+    With a certificate configured the port speaks TLS only (:mod:`servers.core.tls`).
+    """
     server = ae.make_server(
         (host, ae.config.port),
         ae_title=ae.config.title,
         evt_handlers=handlers,
+        ssl_context=tls.server_context(ae.config),
         server_class=NoDelayServer,
         request_handler=DicomlabRequestHandler,
     )
     thread = threading.Thread(
         target=server.serve_forever, name=f"acceptor-{ae.config.key}", daemon=True
     )
+    cast(NoDelayServer, server).thread = thread
     thread.start()
     ae._servers.append(server)
     return cast(NoDelayServer, server)

@@ -181,7 +181,7 @@ class Suite:
     def requestor(self, ae_key: str) -> DicomlabAE:
         """A fresh AE object for initiating associations as local AE ``ae_key``."""
         config = self.config.ae(ae_key)
-        ae = DicomlabAE(config, {})
+        ae = DicomlabAE(config, {}, remotes=self.config.remotes)
         return ae
 
     def handlers_for(self, key: str) -> list[Any]:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from servers.core import tls
 from servers.core.config import AEConfig, Config
 from servers.core.declaration import (
     ContextRow,
@@ -599,10 +600,7 @@ def _acceptance(doc: _Doc, number: str, ae: _AE) -> None:
             for row in REJECTION_ROWS
         ],
     )
-    doc.para(
-        "A User Identity sub-item proposed by the peer is ignored: the association proceeds "
-        "as if none had been proposed, and no reply sub-item is sent."
-    )
+    doc.para(_user_identity_policy(c))
     accepted = [d for d in ae.services if d.accepted]
     doc.para(
         f"**Accepted presentation contexts.** Any of the presentation contexts below is "
@@ -633,6 +631,31 @@ def _acceptance(doc: _Doc, number: str, ae: _AE) -> None:
         for section in declaration.statement:
             doc.para(f"**{section.title}.**", section.body.strip())
         _status_table(doc, ae, declaration)
+
+
+def _user_identity_policy(c: AEConfig) -> str:
+    if c.user_identity == "ignore":
+        return (
+            "A User Identity sub-item proposed by the peer is ignored: the association "
+            "proceeds as if none had been proposed, and no reply sub-item is sent."
+        )
+    if c.user_identity == "optional":
+        rule = (
+            "A request without a User Identity sub-item, or with a Kerberos, SAML or JWT "
+            "identity (not supported), is accepted as anonymous. A username alone must be a "
+            "configured user; a username and passcode must match a configured user."
+        )
+    else:
+        rule = (
+            "Only a User Identity sub-item of type 2 (username and passcode) naming a "
+            "configured user with the matching passcode is accepted; anything else, including "
+            "no sub-item, is rejected."
+        )
+    return (
+        f"User Identity negotiation is {c.user_identity}. {rule} A request that fails is "
+        "rejected with (1, 2, 1). When the peer asks for a positive response to an accepted "
+        "identity, a User Identity sub-item with an empty server response is returned."
+    )
 
 
 def _ae_specifications(doc: _Doc, aes: list[_AE]) -> None:
@@ -885,33 +908,96 @@ def _character_sets(doc: _Doc, services: list[ServiceDeclaration]) -> None:
         doc.para("See " + "; ".join(sections) + ".")
 
 
-def _security(doc: _Doc, aes: list[_AE]) -> None:
+def _security(doc: _Doc, config: Config, aes: list[_AE]) -> None:
     doc.heading(2, "7", "Security")
     doc.heading(3, "7.1", "Security Profiles")
-    doc.para(
-        "No security profile is supported: no TLS (the Basic TLS Secure Transport Connection "
-        "profile), no User Identity negotiation, no audit trail messages. Use the suite on a "
-        "trusted network."
+    tls_aes = [ae.config for ae in aes if ae.config.tls]
+    tls_remotes = sorted(r.title for r in config.remotes.values() if r.tls)
+    if not tls_aes and not tls_remotes:
+        doc.para(
+            "No AE uses TLS in this configuration: associations are plain TCP. Any AE can "
+            f"use the {tls.PROFILE} by configuring `tls_cert`, `tls_key` and `tls_ca`, and a "
+            "remote AE is reached over TLS with `tls = true`. No audit trail messages are "
+            "sent. Without TLS, use the suite on a trusted network."
+        )
+    else:
+        doc.para(
+            f"The {tls.PROFILE} is supported. An AE with a certificate (`tls_cert`, `tls_key`) "
+            "accepts TLS connections only, on its configured port; it refuses TLS 1.1 and "
+            "older, and in TLS 1.2 negotiates only the cipher suites "
+            + ", ".join(tls.TLS12_CIPHER_NAMES)
+            + " (RFC 7525 4.2); TLS 1.3 uses "
+            + ", ".join(tls.TLS13_CIPHER_NAMES)
+            + ". No TLS compression and no renegotiation. The peer's certificate must chain "
+            "to the AE's `tls_ca`; host names are not checked (peers are identified by AE "
+            "title and configured address). A peer that fails the handshake never reaches "
+            "association negotiation: the connection is closed and `tls_handshake_failed` "
+            "is logged. No audit trail messages are sent."
+        )
+    doc.table(
+        "Transport security in effect",
+        ["Application Entity", "Transport", "Client certificate", "Certificates checked against"],
+        [
+            (
+                ae.config.title,
+                "TLS (BCP 195)" if ae.config.tls else "plain TCP",
+                (
+                    ("required" if ae.config.tls_require_client_cert else "optional")
+                    if ae.config.tls and ae.config.listens
+                    else ("presented when initiating" if ae.config.tls else "none")
+                ),
+                ae.config.tls_ca or "none",
+            )
+            for ae in aes
+        ],
     )
+    if tls_remotes:
+        doc.para(
+            "Remote AEs reached over TLS (the initiating AE presents its certificate and "
+            "checks theirs against its `tls_ca`): " + ", ".join(tls_remotes) + "."
+        )
     doc.heading(3, "7.2", "Association Level Security")
     doc.para(
-        "Each listening AE can check the called AE title, and restrict callers to a list of "
-        "calling AE titles and to a list of IP addresses or networks. The rejection each "
-        "check causes is in the AE's association acceptance policy."
+        "Each listening AE can check the called AE title, restrict callers to a list of "
+        "calling AE titles and to a list of IP addresses or networks, and negotiate User "
+        "Identity (username and passcode, PS3.7 D.3.3.7) under a policy: `ignore` (the "
+        "sub-item is ignored and gets no reply), `optional` (a request without one is "
+        "accepted; a username must be configured and a passcode must match), or `required` "
+        "(only a configured username with its matching passcode is accepted). Passcodes are "
+        "kept as salted PBKDF2-SHA256 hashes. The rejection each check causes is in the AE's "
+        "association acceptance policy."
     )
     doc.table(
         "Association level checks in effect",
-        ["Application Entity", "Called AE title checked", "Calling AE allow-list", "IP allow-list"],
+        [
+            "Application Entity",
+            "Called AE title checked",
+            "Calling AE allow-list",
+            "IP allow-list",
+            "User Identity",
+        ],
         [
             (
                 ae.config.title,
                 _yes(ae.config.require_called_ae),
                 ", ".join(ae.config.calling_ae_allow) or "none (any calling AE)",
                 ", ".join(ae.config.ip_allow) or "none (any address)",
+                ae.config.user_identity
+                + (
+                    f"; {len(ae.config.users)} user{'' if len(ae.config.users) == 1 else 's'}"
+                    if ae.config.user_identity != "ignore"
+                    else ""
+                ),
             )
             for ae in aes
             if ae.config.listens
         ],
+    )
+    doc.para(
+        "C-MOVE sends only to destinations in the remote AE table. Association limits, the "
+        "maximum PDU size and the time-outs are in section 4.4.2. File names in the instance "
+        "store are random, never built from a peer's strings, and query values reach the "
+        "database only as bound parameters, with LIKE wildcards escaped."
     )
 
 
@@ -948,7 +1034,7 @@ def render(
     _configuration(body, config, aes, services, group)
     _media(body)
     _character_sets(body, services)
-    _security(body, aes)
+    _security(body, config, aes)
 
     head = _Doc()
     _title(head, config, group, info, aes)
