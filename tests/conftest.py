@@ -93,9 +93,11 @@ def make_suite(tmp_path: Path, db_url: str) -> Iterator[SuiteFactory]:
             "data_dir": str(tmp_path / f"data{len(started)}"),
             "database_url": db_url,
             "host": "127.0.0.1",
+            # Every listening AE of the embedded default gets a free loopback port.
             "ae": {
-                "storage_scp": {"port": free_port()},
-                "query_scp": {"port": free_port()},
+                key: {"port": free_port()}
+                for key, ae in config_mod.DEFAULTS["ae"].items()
+                if int(ae.get("port", 0)) > 0
             },
         }
         config = config_mod.load(path=None, environ={}, overrides=_deep_merge(raw, overrides or {}))
