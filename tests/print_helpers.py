@@ -37,6 +37,9 @@ class Scu:
         return status, attrs
 
     def session(self, **kw: Any) -> str:
+        # pynetdicom sends no data set at all for an empty one, and the request then
+        # never completes: always send at least one attribute.
+        kw = kw or {"NumberOfCopies": 1}
         ds = Dataset()
         for k, v in kw.items():
             setattr(ds, k, v)
@@ -105,7 +108,7 @@ def print_scu(
         return 0x0000, None
 
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for cx in contexts:
         ae.add_requested_context(cx)
     port = suite.port_of("print_scp")
@@ -183,3 +186,13 @@ def film_images(suite: Suite, job: Any, sheet: int = 1) -> tuple[Image.Image, Im
         Image.open(root / film.density_path),
         root / film.sidecar_path,
     )
+
+
+def lut_item(entries: int, bits: int, values: list[int]) -> Dataset:
+    """A Presentation LUT Sequence item with explicit VRs (US descriptor, OW data)."""
+    item = Dataset()
+    item.LUTDescriptor = [entries if entries < 65536 else 0, 0, bits]
+    item["LUTDescriptor"].VR = "US"
+    item.LUTData = b"".join(v.to_bytes(2, "little") for v in values)
+    item["LUTData"].VR = "OW"
+    return item

@@ -238,7 +238,8 @@ class PrintServer:
                 status.ErrorComment = answer.comment[:64]
             if answer.tags and table.operation in ("N-SET", "N-GET"):
                 status.AttributeIdentifierList = [Tag(x) for x in answer.tags]
-            return (status, None)
+            # pynetdicom wants a bare status from N-DELETE handlers, a pair from the others.
+            return status if table.operation == "N-DELETE" else (status, None)
 
     def handle_n_create(self, event: Any, table: StatusTable) -> Any:
         cls = str(event.request.AffectedSOPClassUID)
@@ -825,11 +826,11 @@ class PrintServer:
             if "LUTDescriptor" not in item or "LUTData" not in item:
                 raise Answer(table[0x0120], "LUT Descriptor or LUT Data missing")
             desc = [int(v) for v in item.LUTDescriptor]
-            data = item.LUTData
-            values = [int(v) for v in (data if isinstance(data, list | tuple) else [data])]
-            if "LUTData" in item and item["LUTData"].VR in ("OW", "OB", "UN"):
-                raw = bytes(item["LUTData"].value)
-                values = [int.from_bytes(raw[i : i + 2], "little") for i in range(0, len(raw), 2)]
+            data = item["LUTData"].value
+            if isinstance(data, bytes | bytearray):
+                values = [int.from_bytes(data[i : i + 2], "little") for i in range(0, len(data), 2)]
+            else:
+                values = [int(v) for v in (data if isinstance(data, list | tuple) else [data])]
             entries = desc[0] if len(desc) == 3 and desc[0] else 65536
             if (
                 len(desc) != 3
@@ -875,7 +876,8 @@ class PrintServer:
     def handle_n_get(self, event: Any, table: StatusTable) -> Any:
         cls = str(event.request.RequestedSOPClassUID)
         uid = str(event.request.RequestedSOPInstanceUID)
-        requested = [int(tag) for tag in (event.request.AttributeIdentifierList or [])]
+        raw = event.request.AttributeIdentifierList or []
+        requested = [int(tag) for tag in (raw if isinstance(raw, list) else [raw])]
 
         def run() -> Any:
             if cls == t.PRINTER and uid == t.PRINTER_INSTANCE:

@@ -168,12 +168,6 @@ META_N_CREATE = StatusTable(
             "The Affected SOP Instance UID the SCU supplied is already in use.",
         ),
         row(
-            0x0117,
-            FAILURE,
-            "Invalid object instance",
-            "The Affected SOP Instance UID the SCU supplied is not a valid UID.",
-        ),
-        row(
             0x0120,
             FAILURE,
             "Missing attribute",
