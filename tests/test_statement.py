@@ -41,10 +41,14 @@ def group_declarations(config: Config, group: str) -> list[ServiceDeclaration]:
     return [available[name] for name in names]
 
 
-def test_committed_statement_is_the_rendering_of_the_embedded_default() -> None:
-    expected = render(default_config(), "archive")
-    committed = STATEMENTS / "archive.md"
-    assert committed.exists(), "statements/archive.md is missing; run `make statements`"
+GROUPS = ["archive", "print"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_committed_statement_is_the_rendering_of_the_embedded_default(group: str) -> None:
+    expected = render(default_config(), group)
+    committed = STATEMENTS / f"{group}.md"
+    assert committed.exists(), f"statements/{group}.md is missing; run `make statements`"
     actual = committed.read_text(encoding="utf-8")
     if actual != expected:
         diff = "".join(
@@ -52,12 +56,12 @@ def test_committed_statement_is_the_rendering_of_the_embedded_default() -> None:
                 difflib.unified_diff(
                     actual.splitlines(keepends=True),
                     expected.splitlines(keepends=True),
-                    "statements/archive.md (committed)",
+                    f"statements/{group}.md (committed)",
                     "rendering",
                 )
             )[:60]
         )
-        pytest.fail(f"statements/archive.md is out of date; run `make statements`\n{diff}")
+        pytest.fail(f"statements/{group}.md is out of date; run `make statements`\n{diff}")
 
 
 def test_rendering_is_deterministic() -> None:
@@ -67,20 +71,21 @@ def test_rendering_is_deterministic() -> None:
 def test_render_all_covers_every_group_of_enabled_aes() -> None:
     config = default_config()
     rendered = render_all(config)
-    assert list(rendered) == groups(config) == ["archive"]
+    assert list(rendered) == groups(config) == GROUPS
     assert rendered["archive"] == render(config, "archive")
 
 
 def test_unknown_group_is_a_clear_error() -> None:
-    with pytest.raises(StartupError, match="no enabled AE in group 'print'"):
-        render(default_config(), "print")
+    with pytest.raises(StartupError, match="no enabled AE in group 'nosuch'"):
+        render(default_config(), "nosuch")
 
 
-def test_every_status_row_of_every_declaration_is_in_the_statement() -> None:
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_status_row_of_every_declaration_is_in_the_statement(group: str) -> None:
     config = default_config()
-    text = render(config, "archive")
-    rows = list(status_rows(group_declarations(config, "archive")))
-    assert rows, "the archive declares no status rows at all"
+    text = render(config, group)
+    rows = list(status_rows(group_declarations(config, group)))
+    assert rows, f"the {group} group declares no status rows at all"
     missing = [
         (service, operation, row.hex)
         for service, operation, row in rows
@@ -90,18 +95,20 @@ def test_every_status_row_of_every_declaration_is_in_the_statement() -> None:
     assert missing == []
 
 
-def test_every_operation_has_its_own_status_table() -> None:
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_operation_has_its_own_status_table(group: str) -> None:
     config = default_config()
-    text = render(config, "archive")
-    for declaration in group_declarations(config, "archive"):
+    text = render(config, group)
+    for declaration in group_declarations(config, group):
         for operation in declaration.statuses:
             assert f"{operation} response status for {declaration.title} on" in text
 
 
-def test_every_accepted_and_proposed_context_row_is_in_the_statement() -> None:
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_accepted_and_proposed_context_row_is_in_the_statement(group: str) -> None:
     config = default_config()
-    text = render(config, "archive")
-    for declaration in group_declarations(config, "archive"):
+    text = render(config, group)
+    for declaration in group_declarations(config, group):
         for row in (*declaration.accepted, *declaration.proposed):
             for ts in row.transfer_syntaxes:
                 assert f"| {cell(row.sop_class_name)} | `{row.abstract_syntax}` |" in text

@@ -226,6 +226,10 @@ def parser() -> argparse.ArgumentParser:
         help="with --output-dir: fail if the files differ from the rendering",
     )
     st.set_defaults(func=cmd_statement)
+
+    from servers.print.cli import register as register_print
+
+    register_print(sub, common, _load)
     return p
 
 
