@@ -36,13 +36,17 @@ def _print_one(
     suite: Any, scu: Scu, item: Dataset, film: dict[str, Any] | None = None, **box: Any
 ) -> tuple[Any, dict[str, Any]]:
     fs = scu.session()
-    status, attrs, fb = scu.film_box(fs, "STANDARD\\1,1", MagnificationType="REPLICATE", **(film or {}))
+    status, attrs, fb = scu.film_box(
+        fs, "STANDARD\\1,1", MagnificationType="REPLICATE", **(film or {})
+    )
     assert status.Status == 0
     ib = attrs.ReferencedImageBoxSequence[0].ReferencedSOPInstanceUID
     assert scu.set(t.IMAGE_BOX, ib, image_box_set(1, item, **box))[0].Status == 0
     status, reply = scu.action(t.FILM_BOX, fb)
     assert status.Status == 0
-    job = wait_job(suite, reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPInstanceUID)
+    job = wait_job(
+        suite, reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPInstanceUID
+    )
     assert job.state.value == "DONE"
     _view, _dens, side = film_images(suite, job)
     return job, json.loads(side.read_text())
@@ -61,7 +65,7 @@ def _row_densities(suite: Any, job: Any, sidecar: dict[str, Any]) -> tuple[list[
 def test_identity_ramp_lands_centred_and_follows_the_gsdf(printer):
     with print_scu(printer, contexts=(t.META,)) as scu:
         job, side = _print_one(printer, scu, image_item(1, 256, ramp(8, 256)))
-    x, y, w, h = side["placements"][0]["image"]
+    _x, y, w, h = side["placements"][0]["image"]
     assert (side["width"], side["height"]) == (512, 640)
     assert w == 512 and h == 2 and y == (640 - 2) // 2  # 256 px scaled to the 512 px box
     dens, view = _row_densities(printer, job, side)
@@ -78,9 +82,7 @@ def test_identity_ramp_lands_centred_and_follows_the_gsdf(printer):
 
 def test_reverse_polarity_inverts(printer):
     with print_scu(printer, contexts=(t.META,)) as scu:
-        job, side = _print_one(
-            printer, scu, image_item(1, 256, ramp(8, 256)), Polarity="REVERSE"
-        )
+        job, side = _print_one(printer, scu, image_item(1, 256, ramp(8, 256)), Polarity="REVERSE")
     dens, _ = _row_densities(printer, job, side)
     assert dens[0] == pytest.approx(DMIN, abs=0.002)
     assert dens[-1] == pytest.approx(DMAX, abs=0.002)
@@ -196,13 +198,13 @@ def test_printer_status_events_and_held_jobs(make_suite):
             q.set_printer_state(session, "FAILURE", "PRINTER DOWN")
         event = scu.wait_event(lambda e: e[1] == t.PRINTER)
         assert event[0] == 3 and event[2].PrinterStatusInfo == "PRINTER DOWN"
-        status, attrs = scu.get(t.PRINTER, t.PRINTER_INSTANCE)
+        _status, attrs = scu.get(t.PRINTER, t.PRINTER_INSTANCE)
         assert attrs.PrinterStatus == "FAILURE" and attrs.PrinterStatusInfo == "PRINTER DOWN"
         fs = scu.session()
         _s, attrs, fb = scu.film_box(fs)
         ib = attrs.ReferencedImageBoxSequence[0].ReferencedSOPInstanceUID
         scu.set(t.IMAGE_BOX, ib, image_box_set(1, image_item(1, 1, [5])))
-        status, reply = scu.action(t.FILM_BOX, fb)
+        _status, _reply = scu.action(t.FILM_BOX, fb)
         failed = scu.wait_event(lambda e: e[0] == 4 and e[1] == t.PRINT_JOB)
         assert failed[2].ExecutionStatusInfo == "UNKNOWN"
         with suite.db.write() as session:

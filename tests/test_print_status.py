@@ -55,7 +55,9 @@ def test_film_session_n_create_statuses(suite):
         assert status.Status == 0x0000
         status, _ = other.create(t.FILM_BOX, _ds(Trim="NO"), uid)
         assert status.Status == 0x0111
-        status, _ = other.assoc.send_n_create(_ds(PrinterName="X"), t.PRINTER, None, meta_uid=t.META)
+        status, _ = other.assoc.send_n_create(
+            _ds(PrinterName="X"), t.PRINTER, None, meta_uid=t.META
+        )
         assert status.Status == 0x0118
 
 
@@ -156,7 +158,9 @@ def test_meta_n_action_statuses(make_suite):
         assert scu.set(t.IMAGE_BOX, ib, image_box_set(1, image_item(1, 1, [9])))[0].Status == 0
         status, reply = scu.action(t.FILM_BOX, fb)
         assert status.Status == 0x0000
-        assert reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPClassUID == t.PRINT_JOB
+        assert (
+            reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPClassUID == t.PRINT_JOB
+        )
         scu.film_box(fs, "STANDARD\\1,1")  # an empty second film
         status, reply = scu.action(t.FILM_SESSION, fs)
         assert status.Status == 0xB602 and reply.ReferencedPrintJobSequencePullStoredPrint
@@ -167,9 +171,10 @@ def test_meta_n_action_statuses(make_suite):
         _fs, fb, attrs = _fb(scu, "STANDARD\\2,1")
         ib = attrs.ReferencedImageBoxSequence[0].ReferencedSOPInstanceUID
         item = image_item(1, 1, [9])
-        assert scu.set(t.IMAGE_BOX, ib, image_box_set(1, item, RequestedImageSize="300"))[
-            0
-        ].Status == 0x0000
+        assert (
+            scu.set(t.IMAGE_BOX, ib, image_box_set(1, item, RequestedImageSize="300"))[0].Status
+            == 0x0000
+        )
         assert scu.action(t.FILM_BOX, fb)[0].Status == 0xC613
 
 

@@ -67,6 +67,16 @@ def _background(ctx: ServiceContext) -> Any:
 def _statement(s: PrintSettings) -> tuple[StatementSection, ...]:
     return (
         StatementSection(
+            "Addresses",
+            "The sample statement leaves the AE title to configuration and names TCP port "
+            "104. The embedded default answers as PRINT_SCP on port 2104, which needs no root; "
+            "the systemd deployment sets port 104 (`DICOMLAB_AE__PRINT_SCP__PORT=104`). The "
+            "sample accepts only configured Print SCUs (others rejected 1/1/3); the embedded "
+            "default's empty `calling_ae_allow` accepts any calling AE title so that a new "
+            "installation can print at once. Verification on this AE uses the suite's "
+            "Verification service and its transfer syntaxes.",
+        ),
+        StatementSection(
             "Object model",
             "Film Session, Film Box, Grayscale Image Box and Printer are reached through the "
             "Basic Grayscale Print Management Meta SOP Class context, with the component SOP "

@@ -6,7 +6,6 @@ import io
 import json
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +114,9 @@ class PrintWorker:
         rendered = []
         for index, film in enumerate(item.films, start=1):
             out = r.render_film(
-                film, self.settings.render_scale, self.settings.oversize_policy,
+                film,
+                self.settings.render_scale,
+                self.settings.oversize_policy,
                 self.settings.font_path,
             )
             base = f"job-{int(number):06d}/film-{index:02d}"
@@ -187,8 +188,12 @@ class PrintWorker:
             for st in self.server.open_states():
                 if PrintServer._negotiated(st.assoc, t.META):
                     self._send(
-                        st.assoc, ds, t.PRINTER_EVENT_IDS[status], t.PRINTER,
-                        t.PRINTER_INSTANCE, t.META,
+                        st.assoc,
+                        ds,
+                        t.PRINTER_EVENT_IDS[status],
+                        t.PRINTER,
+                        t.PRINTER_INSTANCE,
+                        t.META,
                     )
 
     def _send(

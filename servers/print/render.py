@@ -250,9 +250,7 @@ def density_table(image: ImageSpec, film: FilmSpec) -> list[float]:
         elif lut.shape == "LIN OD":
             d = tone.d_max - (vv / v_max) * (tone.d_max - tone.d_min)
         else:
-            d = optical_density(
-                vv, v_max, tone.illumination, tone.ambient, tone.d_min, tone.d_max
-            )
+            d = optical_density(vv, v_max, tone.illumination, tone.ambient, tone.d_min, tone.d_max)
         out.append(tone.quantize(d))
     return out
 
@@ -370,8 +368,7 @@ def render_film(
         "scale": scale,
         "attributes": film.attributes,
         "placements": [
-            {"position": p.position, "box": list(p.box), "image": list(p.image)}
-            for p in placements
+            {"position": p.position, "box": list(p.box), "image": list(p.image)} for p in placements
         ],
         "annotations": {str(k): v for k, v in film.annotations.items()},
     }

@@ -580,9 +580,7 @@ class PrintServer:
 
     @staticmethod
     def _negotiated(assoc: Any, sop_class: str) -> bool:
-        return any(
-            str(cx.abstract_syntax) == sop_class for cx in assoc.accepted_contexts
-        )
+        return any(str(cx.abstract_syntax) == sop_class for cx in assoc.accepted_contexts)
 
     # --- N-SET ------------------------------------------------------------------------------
 
@@ -712,9 +710,7 @@ class PrintServer:
         warn: StatusRow | None = None
         if len(seq) == 1:
             item = seq[0]
-            missing = [
-                int(Tag(k)) for k in PIXEL_KEYS if k not in item or item[k].is_empty
-            ]
+            missing = [int(Tag(k)) for k in PIXEL_KEYS if k not in item or item[k].is_empty]
             if missing:
                 raise Answer(table[0x0120], "Pixel attributes missing", missing)
             aspect = (1, 1)
@@ -959,9 +955,7 @@ class PrintServer:
                 f.FilmOrientation = orientation
                 f.FilmSizeID = size
                 f.PrinterResolutionID = "STANDARD"
-                f.PrinterPixelSpacing = [
-                    f"{v:.4f}" for v in r.pixel_spacing_mm(size, orientation)
-                ]
+                f.PrinterPixelSpacing = [f"{v:.4f}" for v in r.pixel_spacing_mm(size, orientation)]
                 f.RequestedImageSizeFlag = "YES"
                 formats.append(f)
         item.SupportedImageDisplayFormatsSequence = formats
@@ -972,7 +966,9 @@ class PrintServer:
             m for m in t.MAGNIFICATIONS if m != s.default_magnification_type
         ]
         item.DefaultSmoothingType = str(s.default_smoothing_type)
-        item.OtherSmoothingTypesAvailable = [str(n) for n in range(16) if n != s.default_smoothing_type]
+        item.OtherSmoothingTypesAvailable = [
+            str(n) for n in range(16) if n != s.default_smoothing_type
+        ]
         item.ConfigurationInformationDescription = "Accepted and stored; printed as identity"
         item.MaximumCollatedFilms = s.max_collated_films
         item.DecimateCropResult = {"CROP": "CROP", "FAIL": "FAIL"}.get(
@@ -1027,7 +1023,10 @@ class PrintServer:
                     if ibox.image is not None and ibox.image.requested_size_mm:
                         size, orientation = self._film_geometry(box)
                         spacing = r.pixel_spacing_mm(size, orientation)[1]
-                        if ibox.image.requested_size_mm > self.box_pixels(box, ibox.position)[0] * spacing:
+                        if (
+                            ibox.image.requested_size_mm
+                            > self.box_pixels(box, ibox.position)[0] * spacing
+                        ):
                             raise Answer(table[0xC613], "Requested Image Size wider than box")
             with self.ctx.db.read() as session:
                 queued = q.unfinished_jobs(session)

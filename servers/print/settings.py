@@ -43,21 +43,32 @@ class PrintSettings:
         names = {f.name: f for f in fields(cls)}
         unknown = set(raw) - set(names)
         if unknown:
-            raise StartupError(f"[services.print] has unknown settings: {', '.join(sorted(unknown))}")
+            raise StartupError(
+                f"[services.print] has unknown settings: {', '.join(sorted(unknown))}"
+            )
         values = {k: type(getattr(cls(), k))(v) for k, v in raw.items()}
         settings = cls(**values)
         if settings.oversize_policy not in OVERSIZE_POLICIES:
-            raise StartupError(f"[services.print] oversize_policy must be one of {OVERSIZE_POLICIES}")
+            raise StartupError(
+                f"[services.print] oversize_policy must be one of {OVERSIZE_POLICIES}"
+            )
         if settings.default_magnification_type not in MAGNIFICATIONS:
             raise StartupError(
                 f"[services.print] default_magnification_type must be one of {MAGNIFICATIONS}"
             )
         if settings.loaded_film_size not in FILM_MATRIX:
-            raise StartupError(f"[services.print] loaded_film_size must be one of {tuple(FILM_MATRIX)}")
+            raise StartupError(
+                f"[services.print] loaded_film_size must be one of {tuple(FILM_MATRIX)}"
+            )
         if settings.printing_bit_depth not in (8, 12):
             raise StartupError("[services.print] printing_bit_depth must be 8 or 12")
-        for key, limit in (("printer_name", 16), ("manufacturer", 16), ("model_name", 16),
-                           ("serial_number", 8), ("software_version", 6)):
+        for key, limit in (
+            ("printer_name", 16),
+            ("manufacturer", 16),
+            ("model_name", 16),
+            ("serial_number", 8),
+            ("software_version", 6),
+        ):
             if len(getattr(settings, key)) > limit:
                 raise StartupError(f"[services.print] {key} is limited to {limit} characters")
         return settings

@@ -6,33 +6,20 @@ a bare number. Conditions are printed verbatim in the statement.
 
 from __future__ import annotations
 
-from pynetdicom.sop_class import (
-    BasicAnnotationBox,
-    BasicFilmBox,
-    BasicFilmSession,
-    BasicGrayscaleImageBox,
-    BasicGrayscalePrintManagementMeta,
-    PresentationLUT,
-    Printer,
-    PrinterConfigurationRetrieval,
-    PrinterConfigurationRetrievalInstance,
-    PrinterInstance,
-    PrintJob,
-)
-
 from servers.core.declaration import FAILURE, SUCCESS, WARNING, StatusRow, StatusTable
 
-META = str(BasicGrayscalePrintManagementMeta)
-FILM_SESSION = str(BasicFilmSession)
-FILM_BOX = str(BasicFilmBox)
-IMAGE_BOX = str(BasicGrayscaleImageBox)
-PRINTER = str(Printer)
-PRINTER_INSTANCE = str(PrinterInstance)
-PLUT = str(PresentationLUT)
-CONFIGURATION = str(PrinterConfigurationRetrieval)
-CONFIGURATION_INSTANCE = str(PrinterConfigurationRetrievalInstance)
-PRINT_JOB = str(PrintJob)
-ANNOTATION_BOX = str(BasicAnnotationBox)
+# PS3.4 Annex H (UID names come from pydicom's dictionary in the statement).
+META = "1.2.840.10008.5.1.1.9"
+FILM_SESSION = "1.2.840.10008.5.1.1.1"
+FILM_BOX = "1.2.840.10008.5.1.1.2"
+IMAGE_BOX = "1.2.840.10008.5.1.1.4"
+PRINTER = "1.2.840.10008.5.1.1.16"
+PRINTER_INSTANCE = "1.2.840.10008.5.1.1.17"
+PLUT = "1.2.840.10008.5.1.1.23"
+CONFIGURATION = "1.2.840.10008.5.1.1.16.376"
+CONFIGURATION_INSTANCE = "1.2.840.10008.5.1.1.17.376"
+PRINT_JOB = "1.2.840.10008.5.1.1.14"
+ANNOTATION_BOX = "1.2.840.10008.5.1.1.15"
 
 # --- value sets ([T E.4.2-14], [T E.4.2-19], [T E.4.2-26]) ------------------------------
 PRIORITIES = ("HIGH", "MED", "LOW")
