@@ -250,3 +250,20 @@ def test_n_get_statuses(suite):
         assert status.Status == 0x0107
         assert scu.get(t.CONFIGURATION, "1.2.3")[0].Status == 0x0112
         assert scu.get(t.PRINT_JOB, str(generate_uid()))[0].Status == 0x0112
+
+
+def test_demagnified_film_box_print_and_print_job_n_get(suite):
+    with print_scu(suite, contexts=(t.META, t.PRINT_JOB)) as scu:
+        _fs, fb, attrs = _fb(scu, "STANDARD\\10,10")
+        ib = attrs.ReferencedImageBoxSequence[0].ReferencedSOPInstanceUID
+        big = image_item(520, 420, [100] * (520 * 420))
+        assert scu.set(t.IMAGE_BOX, ib, image_box_set(1, big))[0].Status == 0xB604
+        status, reply = scu.action(t.FILM_BOX, fb)
+        assert status.Status == 0xB604  # DEMAGNIFY, the default policy; a job was created
+        job_uid = reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPInstanceUID
+        scu.wait_event(lambda e: e[0] in (3, 4) and e[1] == t.PRINT_JOB)
+    # Tracked from a new association, as the sample describes.
+    with print_scu(suite, contexts=(t.PRINT_JOB,)) as scu:
+        status, attrs = scu.get(t.PRINT_JOB, job_uid, [0x21000020, 0x00181200])
+        assert status.Status == 0x0107 and attrs.ExecutionStatus == "DONE"
+        assert int(status.AttributeIdentifierList) == 0x00181200
