@@ -262,3 +262,79 @@ class MppsException(Base):
     sop_instance_uid: Mapped[Uid]
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# --- Print server (PS3.2 Annex E): print jobs, their films, and the printer's state -------
+
+
+class PrintJobState(enum.StrEnum):
+    """Execution Status of a Print Job (PS3.3 C.13.8)."""
+
+    PENDING = "PENDING"
+    PRINTING = "PRINTING"
+    DONE = "DONE"
+    FAILURE = "FAILURE"
+
+
+class PrintJob(Base):
+    """A print job queued by a Film Session or Film Box N-ACTION; survives its association."""
+
+    __tablename__ = "print_job"
+
+    id: Mapped[intpk]
+    job_uid: Mapped[Uid] = mapped_column(unique=True)
+    # Print Job ID (2100,0010), a short decimal number the sample sends in events.
+    job_number: Mapped[ShortString]
+    state: Mapped[PrintJobState] = mapped_column(
+        Enum(PrintJobState, native_enum=False, length=16), default=PrintJobState.PENDING
+    )
+    status_info: Mapped[ShortString]
+    priority: Mapped[ShortString]
+    originator: Mapped[ShortString]
+    called_ae: Mapped[ShortString]
+    film_session_uid: Mapped[Uid]
+    film_session_label: Mapped[LongString]
+    source: Mapped[ShortString]  # "FILM SESSION" or "FILM BOX"
+    copies: Mapped[int] = mapped_column(Integer, default=1)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    pdf_path: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    films: Mapped[list[PrintFilm]] = relationship(
+        back_populates="job", order_by="PrintFilm.sheet", cascade="all, delete-orphan"
+    )
+
+
+class PrintFilm(Base):
+    """One printed film sheet (one copy of one film box) and its rendered files."""
+
+    __tablename__ = "print_film"
+    __table_args__ = (UniqueConstraint("job_pk", "sheet"),)
+
+    id: Mapped[intpk]
+    job_pk: Mapped[int] = mapped_column(ForeignKey("print_job.id"), index=True)
+    sheet: Mapped[int] = mapped_column(Integer)
+    film_box_uid: Mapped[Uid]
+    copy: Mapped[int] = mapped_column(Integer, default=1)
+    film_size: Mapped[ShortString]
+    orientation: Mapped[ShortString]
+    display_format: Mapped[LongString]
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    png_path: Mapped[str] = mapped_column(String(255))
+    density_path: Mapped[str] = mapped_column(String(255))
+    sidecar_path: Mapped[str] = mapped_column(String(255))
+
+    job: Mapped[PrintJob] = relationship(back_populates="films")
+
+
+class PrinterState(Base):
+    """The virtual printer's status; one row, set by `dicomlab print status`."""
+
+    __tablename__ = "printer_state"
+
+    id: Mapped[intpk]
+    status: Mapped[ShortString]
+    status_info: Mapped[ShortString]
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -253,6 +253,10 @@ def parser() -> argparse.ArgumentParser:
     from servers.worklist.cli import register as register_worklist
 
     register_worklist(sub, common, _load)
+
+    from servers.print.cli import register as register_print
+
+    register_print(sub, common, _load)
     return p
 
 

@@ -38,6 +38,8 @@ IMPLEMENTATION_UID_STORAGE_SCP = "2.25.229946574521367303553431744106155930434"
 IMPLEMENTATION_VERSION_NAME = "EX_VERS_01"
 # Replaces the RIS sample's placeholder "xxxxxxx.yyy.etc.ad.inf.usw" (digest A1).
 IMPLEMENTATION_UID_RIS = "2.25.229946574521367303553431744106155930435"
+# The print sample's placeholder "xxxxxxxxxxx.yy.etc.ad.inf.usw" replaced by a valid UID.
+IMPLEMENTATION_UID_PRINT = "2.25.229946574521367303553431744106155930436"
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./data",
@@ -85,6 +87,30 @@ DEFAULTS: dict[str, Any] = {
             "network_timeout": 15,
             "idle_timeout": 60,
             "dimse_timeout": 30,
+        },
+        # The print server (PS3.2 Annex E). The sample leaves the AE title to
+        # configuration and names port 104; 2104 needs no root (the systemd
+        # deployment keeps 104). An empty calling AE allow-list lets any SCU print.
+        "print_scp": {
+            "title": "PRINT_SCP",
+            "port": 2104,
+            "group": "print",
+            "services": [
+                "verification",
+                "print",
+                "print_annotation",
+                "print_job",
+                "print_presentation_lut",
+                "print_configuration",
+            ],
+            "implementation_class_uid": IMPLEMENTATION_UID_PRINT,
+            "implementation_version_name": "PRINTSCP_VERS_01",
+            "max_pdu": 131072,
+            "max_associations": 8,
+            "acse_timeout": 30,
+            "connection_timeout": 20,
+            "dimse_timeout": 360,
+            "idle_timeout": 600,
         },
     },
     "remote": {},
