@@ -1,5 +1,5 @@
 # dicomlab on a fresh machine:
-#   make run    create .venv if needed, then serve the archive on ports 4000 and 5000
+#   make run    create .venv if needed, then serve every AE (archive 4000/5000, RIS 1104, print 2104)
 #   make test   create .venv if needed, then lint, type-check and run the test suite
 # .venv is (re)installed only when it is missing or pyproject.toml changed.
 
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 .PHONY: help run test lint statements clean
 
 help:
-	@echo "make run         serve the embedded default (EX_STORE_SCP:4000, EX_QUERY_SCP:5000)"
+	@echo "make run         serve the embedded default (archive 4000/5000, RIS 1104, print 2104)"
 	@echo "make test        ruff, ruff format --check, mypy, pytest (what CI runs)"
 	@echo "make lint        ruff and mypy only"
 	@echo "make statements  regenerate statements/*.md from the code"
