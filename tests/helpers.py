@@ -108,3 +108,24 @@ def associate(
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def free_ports_env(given: dict[str, str] | None = None) -> dict[str, str]:
+    """DICOMLAB_* variables giving every listening AE of the embedded default, and the
+    HL7 listener, a free loopback port, except where ``given`` already sets one.
+
+    A `dicomlab serve` subprocess started by a test must not collide with another one,
+    or with a suite a developer left running on the default ports.
+    """
+    from servers.core.config import DEFAULTS
+    from tests.conftest import free_port
+
+    given = given or {}
+    env: dict[str, str] = {}
+    for key, ae in DEFAULTS["ae"].items():
+        name = f"DICOMLAB_AE__{key.upper()}__PORT"
+        if int(ae.get("port", 0)) > 0 and name not in given:
+            env[name] = str(free_port())
+    if "DICOMLAB_SERVICES__WORKLIST__HL7_PORT" not in given:
+        env["DICOMLAB_SERVICES__WORKLIST__HL7_PORT"] = str(free_port())
+    return env

@@ -16,6 +16,7 @@ import pytest
 
 from servers.core.cli import parser
 from tests.conftest import free_port
+from tests.helpers import free_ports_env
 
 BIN = Path(sys.executable).with_name("dicomlab")
 DICOMLAB = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "servers.core.cli"]
@@ -182,6 +183,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 DICOMLAB_HOST="127.0.0.1",
                 DICOMLAB_DATA_DIR=str(tmp_path / "data"),
                 DICOMLAB_LOG_FORMAT="json",
+                **free_ports_env(env),
                 **env,
             ),
         )

@@ -41,7 +41,7 @@ from db.models import CommitmentRequest, CommitmentState, Instance, Patient, Ser
 from servers.core.runtime import Suite
 from storage.filestore import TMP_SUFFIX, FileStore
 from tests.conftest import free_port, require
-from tests.helpers import CT, associate, make_image
+from tests.helpers import CT, associate, free_ports_env, make_image
 from tests.test_cli import Server, clean_env
 from tests.test_commitment import COMMITMENT, Reports, ref, request_ds, send_action
 from tests.test_deploy import with_transfer_syntax
@@ -64,8 +64,8 @@ def serve(tmp_path: Path, db_url: str, data_dir: Path, name: str = "a") -> tuple
             DICOMLAB_DATABASE_URL=db_url,
             DICOMLAB_LOG_FORMAT="json",
             DICOMLAB_LOG_LEVEL="warning",
+            **free_ports_env({"DICOMLAB_AE__STORAGE_SCP__PORT": ""}),
             DICOMLAB_AE__STORAGE_SCP__PORT=str(store_port),
-            DICOMLAB_AE__QUERY_SCP__PORT=str(free_port()),
         ),
     )
     server.wait_ready()

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
 from tests.conftest import free_port
-from tests.helpers import CT, make_image, write_part10
+from tests.helpers import CT, free_ports_env, make_image, write_part10
 
 COMMITMENT = "1.2.840.10008.1.20.1"
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -59,6 +59,7 @@ def served(tmp_path: Path, dcmtk) -> Iterator[dict[str, object]]:
         **{k: v for k, v in os.environ.items() if not k.startswith("DICOMLAB_")},
         "DICOMLAB_DATA_DIR": str(tmp_path / "data"),
         "DICOMLAB_HOST": "127.0.0.1",
+        **free_ports_env(),
         "DICOMLAB_AE__STORAGE_SCP__PORT": str(store_port),
         "DICOMLAB_AE__QUERY_SCP__PORT": str(query_port),
         "DICOMLAB_REMOTE__DEST__HOST": "127.0.0.1",
