@@ -172,6 +172,7 @@ def test_whole_session_every_format_8_and_12_bit_annotations_events(printer):
     for sheet, fmt in enumerate(formats, start=1):
         _view, dens, side_path = film_images(printer, job, sheet)
         side = json.loads(side_path.read_text())
+        assert side["annotations"] == {"0": f"Film {fmt} Пример"}  # the backslash kept
         p1, p2 = side["placements"]
         if fmt.startswith("STANDARD"):
             assert p1["box"][0] < p2["box"][0] and p1["box"][1] == p2["box"][1]

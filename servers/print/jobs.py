@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from db.models import PrintFilm, PrintJobState
 from db.queries import print as q
 from servers.core import logs
+from servers.core.dimse import send_event_report
 from servers.print import render as r
 from servers.print import tables as t
 from servers.print.scp import PrintServer
@@ -203,13 +204,14 @@ class PrintWorker:
             return
         log = logs.assoc_logger(assoc).bind(event_type_id=event_id, sop_class=cls)
         try:
-            status, _reply = assoc.send_n_event_report(ds, event_id, cls, uid, meta_uid=meta)
+            # Not pynetdicom's send_n_event_report: run from this worker thread it could
+            # take the peer's next request as the response (see servers/core/dimse.py).
+            code, problem = send_event_report(assoc, ds, event_id, cls, uid, meta_uid=meta)
         except Exception as exc:
             log.warning("event_report_failed", error=str(exc))
             return
-        code = int(status.Status) if "Status" in status else None
         if code is None:
-            log.warning("event_report_unanswered")
+            log.warning("event_report_unanswered", reason=problem)
         elif code != 0:
             log.warning("event_report_refused", status=f"0x{code:04X}")
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, generate_uid
 from pynetdicom import evt
@@ -637,7 +638,9 @@ class PrintServer:
             raise Answer(table[0x0120], "Annotation Position missing", [0x20300010])
         if _int(ds.get("AnnotationPosition")) != box.position:
             raise Answer(table[0x0106], "Annotation Position is not this box's", [0x20300010])
-        text = str(ds.get("TextString") or "")
+        raw = ds.get("TextString") or ""
+        # LO allows a backslash, which pydicom reads as a value separator: print it as sent.
+        text = "\\".join(map(str, raw)) if isinstance(raw, MultiValue) else str(raw)
         questioned: set[str] = set()
         if len(text) > 64:
             text = text[:64]

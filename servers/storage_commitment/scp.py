@@ -11,9 +11,7 @@ the delivery worker (Annex F §F.4.2.3.4.1.5).
 
 from __future__ import annotations
 
-import queue
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,7 +20,6 @@ from typing import Any, cast
 
 from pynetdicom.dimse_primitives import N_ACTION, N_EVENT_REPORT
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class_n import StorageCommitmentServiceClass
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -33,6 +30,7 @@ from db.queries.commitment import Decision
 from servers.core import logs
 from servers.core.context import ServiceContext
 from servers.core.declaration import ServiceDeclaration, StatusRow
+from servers.core.dimse import await_response, peer_closing
 from servers.core.network import DicomlabAE
 from servers.core.runtime import check_status
 from servers.storage_commitment import delivery
@@ -312,7 +310,7 @@ class CommitmentServiceClass(StorageCommitmentServiceClass):  # type: ignore[mis
             return
         event_type, ds = delivery.event_report(request)
         log = log.bind(attempt=1)
-        if self._peer_closing():
+        if peer_closing(self.assoc):
             # Nothing sent: not an attempt; the worker opens a new association now.
             self._reschedule_now(ctx, transaction_uid)
             log.info("event_report_deferred", reason="peer closed the association first")
@@ -329,7 +327,10 @@ class CommitmentServiceClass(StorageCommitmentServiceClass):  # type: ignore[mis
             raise RuntimeError("the Event Information could not be encoded")
         rq.EventInformation = BytesIO(encoded)
         self.dimse.send_msg(rq, cast(int, context.context_id))
-        code, problem = self._await_response(1)
+        # Table F.4.2-36: a DIMSE timeout waiting for the N-EVENT-REPORT-RSP aborts.
+        code, problem = await_response(
+            self.assoc, N_EVENT_REPORT, 1, self.assoc.dimse.dimse_timeout, abort_on_timeout=True
+        )
         if code is not None and code in DELIVERED_CODES:
             with ctx.db.write() as session:
                 queries.mark_delivered(session, transaction_uid, 1)
@@ -352,43 +353,3 @@ class CommitmentServiceClass(StorageCommitmentServiceClass):  # type: ignore[mis
     def _reschedule_now(self, ctx: ServiceContext, transaction_uid: str) -> None:
         with ctx.db.write() as session:
             queries.reschedule(session, transaction_uid, delivery.utcnow())
-
-    def _peer_closing(self) -> bool:
-        pdu = self.assoc.dul.peek_next_pdu()
-        if isinstance(pdu, (A_ABORT, A_P_ABORT)):
-            return True
-        return isinstance(pdu, A_RELEASE) and pdu.result is None
-
-    def _await_response(self, msg_id: int) -> tuple[int | None, str]:
-        """The status answering ``msg_id``, or None and why the transfer failed."""
-        assoc = self.assoc
-        messages = assoc.dimse.msg_queue
-        deadline = time.monotonic() + float(assoc.dimse.dimse_timeout or 0)
-        held: list[Any] = []
-        try:
-            while True:
-                if self._peer_closing():
-                    return None, "peer released or aborted before answering"
-                if not assoc.dul.is_alive():
-                    return None, "connection lost"
-                try:
-                    context_id, msg = messages.get(timeout=0.01)
-                except queue.Empty:
-                    if assoc.dimse.dimse_timeout and time.monotonic() > deadline:
-                        # Table F.4.2-36: DIMSE timeout waiting for the N-EVENT-REPORT-RSP.
-                        assoc.abort()
-                        return None, "no N-EVENT-REPORT-RSP within the DIMSE timeout"
-                    continue
-                if (
-                    isinstance(msg, N_EVENT_REPORT)
-                    and msg.MessageIDBeingRespondedTo == msg_id
-                    and msg.Status is not None
-                ):
-                    return int(msg.Status), ""
-                # A request the peer sent meanwhile: served after this exchange.
-                held.append((context_id, msg))
-        finally:
-            if held:
-                with messages.mutex:
-                    messages.queue.extendleft(reversed(held))
-                    messages.not_empty.notify()
