@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from io import BytesIO
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
+from pynetdicom.dsutils import encode
 
 from servers.print import tables as t
 from tests.print_helpers import Scu, image_box_set, image_item, lut_item, print_scu
@@ -267,3 +271,110 @@ def test_demagnified_film_box_print_and_print_job_n_get(suite):
         status, attrs = scu.get(t.PRINT_JOB, job_uid, [0x21000020, 0x00181200])
         assert status.Status == 0x0107 and attrs.ExecutionStatus == "DONE"
         assert int(status.AttributeIdentifierList) == 0x00181200
+
+
+# -- 0110: a request data set that cannot be decoded ----------------------------------------
+
+
+def _broken(ds: Dataset, implicit: bool, fault: str) -> bytes:
+    """``ds`` encoded, followed by an element that cannot be decoded."""
+    data = encode(ds, implicit, True)
+    assert data is not None
+    if fault == "unclosed-sequence":
+        # (0008,1140) with undefined length, one item of undefined length, then the end.
+        vr = b"" if implicit else b"SQ\x00\x00"
+        return data + b"\x08\x00\x40\x11" + vr + b"\xff" * 4 + b"\xfe\xff\x00\xe0" + b"\xff" * 4
+    # (0028,0010) Rows: US with a three-byte value.
+    header = b"\x03\x00\x00\x00" if implicit else b"US\x03\x00"
+    return b"\x28\x00\x10\x00" + header + b"\x01\x02\x03" + data
+
+
+def _send_raw(scu: Scu, abstract: str, req: Any) -> Any:
+    """Send ``req`` (its data set already encoded) on ``abstract``'s context; the response."""
+    cx = next(c for c in scu.assoc.accepted_contexts if c.abstract_syntax == abstract)
+    assert cx.context_id is not None
+    assoc = scu.assoc
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    assert type(rsp) is type(req), "no response"
+    if rsp.Status == 0x0110:
+        assert rsp.ErrorComment == "Data set cannot be decoded"
+    return rsp
+
+
+def _implicit(scu: Scu, abstract: str) -> bool:
+    cx = next(c for c in scu.assoc.accepted_contexts if c.abstract_syntax == abstract)
+    return bool(cx.transfer_syntax[0].is_implicit_VR)
+
+
+def _raw_create(scu: Scu, abstract: str, cls: str, uid: str, ds: Dataset, fault: str) -> int:
+    req = N_CREATE()
+    req.MessageID = 901
+    req.AffectedSOPClassUID = cls
+    req.AffectedSOPInstanceUID = uid
+    req.AttributeList = BytesIO(_broken(ds, _implicit(scu, abstract), fault))
+    return int(_send_raw(scu, abstract, req).Status)
+
+
+def _raw_set(scu: Scu, abstract: str, cls: str, uid: str, ds: Dataset, fault: str) -> int:
+    req = N_SET()
+    req.MessageID = 902
+    req.RequestedSOPClassUID = cls
+    req.RequestedSOPInstanceUID = uid
+    req.ModificationList = BytesIO(_broken(ds, _implicit(scu, abstract), fault))
+    return int(_send_raw(scu, abstract, req).Status)
+
+
+def _state(suite: Any) -> Any:
+    [st] = suite.__dict__["_print_servers"]["print_scp"].open_states()
+    return st
+
+
+@pytest.mark.parametrize("fault", ["unclosed-sequence", "value-length"])
+def test_undecodable_data_set_is_0110(suite, fault):
+    code = t.META_N_CREATE[0x0110].code
+    assert code == 0x0110
+    for table in (t.META_N_SET, t.PLUT_N_CREATE, t.ANNOTATION_N_SET):
+        assert table[0x0110].code == 0x0110
+    with print_scu(suite) as scu:
+        # Film Session N-CREATE: nothing created, and the UID is still free afterwards.
+        fs = str(generate_uid())
+        assert _raw_create(scu, t.META, t.FILM_SESSION, fs, _ds(NumberOfCopies=5), fault) == code
+        assert _state(suite).session is None
+        status, attrs = scu.create(t.FILM_SESSION, _ds(NumberOfCopies=3), fs)
+        assert status.Status == 0x0000 and attrs.NumberOfCopies == 3
+        # Film Session N-SET: nothing changed.
+        assert _raw_set(scu, t.META, t.FILM_SESSION, fs, _ds(NumberOfCopies=7), fault) == code
+        assert _state(suite).session.attrs["NumberOfCopies"] == 3
+        # Presentation LUT N-CREATE: nothing created, the UID is still free afterwards.
+        plut = str(generate_uid())
+        shape = _ds(PresentationLUTShape="IDENTITY")
+        assert _raw_create(scu, t.PLUT, t.PLUT, plut, shape, fault) == code
+        assert plut not in _state(suite).pluts
+        assert scu.create(t.PLUT, shape, plut)[0].Status == 0x0000
+        # Basic Annotation Box N-SET: the text is unchanged.
+        _fs2, _fb_uid, fb_attrs = _fb_in(scu, fs)
+        box = fb_attrs.ReferencedBasicAnnotationBoxSequence[0].ReferencedSOPInstanceUID
+        ok = scu.set(t.ANNOTATION_BOX, box, _ds(AnnotationPosition=0, TextString="OLD"))
+        assert ok[0].Status == 0x0000
+        new = _ds(AnnotationPosition=0, TextString="NEW")
+        assert _raw_set(scu, t.ANNOTATION_BOX, t.ANNOTATION_BOX, box, new, fault) == code
+        assert _state(suite).current.annotation_boxes[0].text == "OLD"
+        # The association still serves good requests.
+        status, out = scu.set(t.FILM_SESSION, fs, _ds(NumberOfCopies=4))
+        assert status.Status == 0x0000 and out.NumberOfCopies == 4
+    # And so does the server.
+    with print_scu(suite) as scu:
+        scu.session()
+
+
+def _fb_in(scu: Scu, fs: str) -> tuple[str, str, Dataset]:
+    status, attrs, fb = scu.film_box(fs, "STANDARD\\1,1", AnnotationDisplayFormatID="LABEL")
+    assert status.Status == 0x0000, hex(status.Status)
+    return fs, fb, attrs

@@ -230,8 +230,10 @@ def _statement(s: PrintSettings) -> tuple[StatementSection, ...]:
             "(images live in memory) and C603 at N-ACTION (an oversized image is refused at "
             "Image Box N-SET) are never sent. The sample's Film Session N-DELETE 0112 and "
             "Printer N-GET failure texts describe what the SCU does; the SCP answers and keeps "
-            "the association. 0110 is sent by the DICOM toolkit when a data set cannot be "
-            "decoded.",
+            "the association. 0110 is answered to an N-CREATE or N-SET whose data set cannot "
+            "be decoded; bytes after the last complete element too few to form an element "
+            "header end the data set and are ignored. N-ACTION does not read Action "
+            "Information: a data set sent with it is ignored.",
         ),
     )
 

@@ -242,6 +242,29 @@ class PrintServer:
             # pynetdicom wants a bare status from N-DELETE handlers, a pair from the others.
             return status if table.operation == "N-DELETE" else (status, None)
 
+    @staticmethod
+    def decoded(event: Any, attribute: str, table: StatusTable) -> Dataset:
+        """The request's data set with every element decoded; 0110 if it cannot be.
+
+        pynetdicom decodes the data set lazily, when the handler first reads it, and
+        pydicom converts each value only when it is read: both happen here, up front,
+        so that an undecodable request is answered with a declared status before
+        anything changes.
+        """
+        try:
+            ds: Dataset = getattr(event, attribute)
+            for element in ds.iterall():
+                _ = element.value
+        except Exception as exc:
+            logs.assoc_logger(event.assoc).warning(
+                "print_dataset_undecodable",
+                operation=table.operation,
+                status=f"0x{table[0x0110].code:04X}",
+                reason=f"{type(exc).__name__}: {exc}"[:200],
+            )
+            raise Answer(table[0x0110], "Data set cannot be decoded") from exc
+        return ds
+
     def handle_n_create(self, event: Any, table: StatusTable) -> Any:
         cls = str(event.request.AffectedSOPClassUID)
         st = self.state(event.assoc)
@@ -249,7 +272,7 @@ class PrintServer:
 
         def run() -> Any:
             uid = self._new_uid(table, requested)
-            ds = event.attribute_list
+            ds = self.decoded(event, "attribute_list", table)
             if cls == t.FILM_SESSION:
                 return self._create_film_session(st, ds, uid, requested, table)
             if cls == t.FILM_BOX:
@@ -591,7 +614,7 @@ class PrintServer:
         st = self.state(event.assoc)
 
         def run() -> Any:
-            ds = event.modification_list
+            ds = self.decoded(event, "modification_list", table)
             if cls == t.FILM_SESSION:
                 return self._set_film_session(st, ds, uid, table)
             if cls == t.FILM_BOX:

@@ -89,6 +89,18 @@ def row(code: int, category: str, meaning: str, condition: str) -> StatusRow:
     return StatusRow(code, category, meaning, condition)
 
 
+def undecodable(what: str) -> StatusRow:
+    """0110 for a request data set that cannot be decoded (N-CREATE and N-SET)."""
+    return row(
+        0x0110,
+        FAILURE,
+        "Processing Failure",
+        "The request's data set cannot be decoded in the negotiated transfer syntax (for "
+        "example a sequence or item that is never closed, or a value whose length does not "
+        "fit its VR); Error Comment says so and nothing was " + what + ".",
+    )
+
+
 # --- Basic Grayscale Print Management Meta: Film Session, Film Box, Image Box, Printer ----
 
 META_N_CREATE = StatusTable(
@@ -181,6 +193,7 @@ META_N_CREATE = StatusTable(
             "The Affected SOP Class UID on the Meta SOP class context is neither Basic Film "
             "Session nor Basic Film Box (Image Boxes and the Printer are created by the SCP).",
         ),
+        undecodable("created"),
     ],
 )
 
@@ -282,6 +295,7 @@ META_N_SET = StatusTable(
             "matrix, or is larger than its box and the oversize policy is FAIL. Nothing was "
             "changed.",
         ),
+        undecodable("changed"),
     ],
 )
 
@@ -451,6 +465,7 @@ PLUT_N_CREATE = StatusTable(
             "Neither Presentation LUT Sequence nor Presentation LUT Shape was sent, or the "
             "sequence item lacks LUT Descriptor or LUT Data.",
         ),
+        undecodable("created"),
     ],
 )
 
@@ -504,6 +519,7 @@ ANNOTATION_N_SET = StatusTable(
             "Missing attribute",
             "Annotation Position is absent; its tag is returned in (0000,1005).",
         ),
+        undecodable("changed"),
     ],
 )
 
