@@ -618,10 +618,12 @@ def run(
         start_new_session=True,
     )
     try:
-        for name in phases:
-            PHASES[name](ctx)
-        for extra in EXTRA_PHASES:
-            extra(ctx)
+        for phase in [*(PHASES[name] for name in phases), *EXTRA_PHASES]:
+            phase(ctx)
+            if out_dir is not None:  # a partial table survives an interrupted run
+                out_dir.mkdir(parents=True, exist_ok=True)
+                partial = render(ctx, started, time.perf_counter() - t0)
+                (out_dir / "partial.md").write_text(partial)
     finally:
         dest.terminate()
         dest.wait(timeout=10)
