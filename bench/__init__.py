@@ -1,0 +1,1 @@
+"""Benchmarks: dicomlab beside DCMTK, Orthanc and pynetdicom's apps (``make bench``)."""
