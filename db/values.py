@@ -14,7 +14,11 @@
 
 from __future__ import annotations
 
+import re
+from datetime import date
+
 LO_MAX = 64
+DATE_RE = re.compile(r"[0-9]{8}")
 
 
 def clean(value: object) -> str:
@@ -68,3 +72,14 @@ def normalize_time(raw: object) -> str:
     whole, dot, fraction = text.partition(".")
     whole = whole.ljust(6, "0")[:6]
     return f"{whole}.{fraction}" if dot and fraction else whole
+
+
+def valid_date(value: str) -> bool:
+    """True for a DA value ``YYYYMMDD`` that names a real calendar date."""
+    if not DATE_RE.fullmatch(value):
+        return False
+    try:
+        date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return False
+    return True

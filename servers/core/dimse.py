@@ -129,3 +129,16 @@ def send_event_report(
         finally:
             if not on_reactor_thread:
                 assoc._reactor_checkpoint.set()
+
+
+class CancelLatch:
+    """``event.is_cancelled`` that stays true: pynetdicom forgets a cancel once asked."""
+
+    def __init__(self, event: Any) -> None:
+        self._event = event
+        self._seen = False
+
+    def __call__(self) -> bool:
+        if not self._seen:
+            self._seen = bool(self._event.is_cancelled)
+        return self._seen

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes, python_encoding
@@ -21,7 +20,7 @@ from pydicom.tag import BaseTag, Tag
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.queries.find import Condition, find_matches
-from db.values import clean, person_name, split_person_name
+from db.values import clean, person_name, split_person_name, valid_date
 from servers.core import logs
 from servers.core.context import ServiceContext
 from servers.core.declaration import (
@@ -33,6 +32,7 @@ from servers.core.declaration import (
     StatusRow,
     StatusTable,
 )
+from servers.core.dimse import CancelLatch
 from servers.query_retrieve.keys import (
     CONTROL_KEYWORDS,
     UNIQUE_KEYS,
@@ -142,7 +142,6 @@ STUDY_ATTRIBUTES = (
 )
 
 UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-DATE_RE = re.compile(r"[0-9]{8}")
 TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
 IS_RE = re.compile(r"[+-]?[0-9]{1,12}")
 IS_PATTERN_RE = re.compile(r"[+\-0-9*?]{1,12}")
@@ -267,16 +266,6 @@ def _element_text(
 # --- value parsing --------------------------------------------------------------------
 
 
-def _valid_date(value: str) -> bool:
-    if not DATE_RE.fullmatch(value):
-        return False
-    try:
-        date(int(value[:4]), int(value[4:6]), int(value[6:]))
-    except ValueError:
-        return False
-    return True
-
-
 def _time_bounds(value: str) -> tuple[str, str] | None:
     """The period a TM value denotes, as inclusive normalised bounds (digest D2)."""
     match = TIME_RE.fullmatch(value)
@@ -323,16 +312,16 @@ def _condition(key: Key, values: list[str], list_allowed: bool) -> Condition | N
             # Patient's Birth Date: S, U only (digest D3). A well-formed range or
             # any wildcard is a matching type we do not support, not an error.
             if _has_wildcard(value) or all(
-                _valid_date(part) for part in value.split("-", 1) if part
+                valid_date(part) for part in value.split("-", 1) if part
             ):
                 raise _Unsupported(keyword)
             raise invalid("date")
         if "-" in value:
             low, _, high = value.partition("-")
-            if not (low or high) or not all(_valid_date(p) for p in (low, high) if p):
+            if not (low or high) or not all(valid_date(p) for p in (low, high) if p):
                 raise invalid("date range")
             return Condition(keyword, "range", (low, high))
-        if not _valid_date(value):
+        if not valid_date(value):
             raise invalid("date")
         return Condition(keyword, "single", (value,))
     if key.vr == "TM":
@@ -534,19 +523,6 @@ def build_response(
 
 
 # --- handler --------------------------------------------------------------------------
-
-
-class CancelLatch:
-    """``event.is_cancelled`` that stays true: pynetdicom forgets a cancel once asked."""
-
-    def __init__(self, event: Any) -> None:
-        self._event = event
-        self._seen = False
-
-    def __call__(self) -> bool:
-        if not self._seen:
-            self._seen = bool(self._event.is_cancelled)
-        return self._seen
 
 
 def between_matches(is_cancelled: Callable[[], bool]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes, python_encoding
@@ -21,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import ScheduledStep
 from db.queries.worklist import StepFilter, candidate_steps
-from db.values import normalize_time
+from db.values import normalize_time, valid_date
 from servers.core import logs
 from servers.core.context import ServiceContext
 from servers.core.declaration import (
@@ -33,6 +32,7 @@ from servers.core.declaration import (
     StatusRow,
     StatusTable,
 )
+from servers.core.dimse import CancelLatch
 from servers.worklist.entries import alphabetic
 from servers.worklist.keys import (
     CONTROL_KEYS,
@@ -124,7 +124,6 @@ TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
 PN_DELIMITERS = {0x5C, 0x3D, 0x5E}
 TEXT_DELIMITERS = {0x5C}
 ESC = 0x1B
-DATE_RE = re.compile(r"[0-9]{8}")
 TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
 TIME_MAX = "235959.999999"
 
@@ -268,16 +267,6 @@ def _text(element: DataElement | RawDataElement, vr: str, encodings: list[str] |
         return str(value).strip(" \0")
 
 
-def _valid_date(value: str) -> bool:
-    if not DATE_RE.fullmatch(value):
-        return False
-    try:
-        date(int(value[:4]), int(value[4:6]), int(value[6:]))
-    except ValueError:
-        return False
-    return True
-
-
 def _time_bounds(value: str) -> tuple[str, str] | None:
     match = TIME_RE.fullmatch(value.replace(":", ""))
     if not match:
@@ -295,7 +284,7 @@ def _date_range(value: str, tag: int) -> tuple[str, str]:
         low, _, high = value.partition("-")
     else:
         low = high = value
-    if not (low or high) or not all(_valid_date(v) for v in (low, high) if v):
+    if not (low or high) or not all(valid_date(v) for v in (low, high) if v):
         raise FindError(
             IDENTIFIER_INVALID, "invalid date in Scheduled Procedure Step Start Date", (tag,)
         )
@@ -482,19 +471,6 @@ def build_response(query: WorklistQuery, step: ScheduledStep) -> Dataset:
 
 
 # --- handler -------------------------------------------------------------------------
-
-
-class CancelLatch:
-    """``event.is_cancelled`` that stays true once seen."""
-
-    def __init__(self, event: Any) -> None:
-        self._event = event
-        self._seen = False
-
-    def __call__(self) -> bool:
-        if not self._seen:
-            self._seen = bool(self._event.is_cancelled)
-        return self._seen
 
 
 def between_matches(is_cancelled: Callable[[], bool]) -> None:
