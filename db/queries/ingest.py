@@ -262,14 +262,18 @@ def _new_patient(session: Session, record: IndexRecord, patient_id: str) -> Pati
 
 def resolve_patient(session: Session, record: IndexRecord) -> Patient:
     """The patient row for ``record``, created (with a coerced ID if needed) when new."""
+    taken = session.scalar(select(Patient.id).where(Patient.patient_id == record.patient_id))
+    # Read the candidates after the taken check: under READ COMMITTED each statement
+    # sees what committed before it, so a patient another association committed is
+    # among the candidates whenever it made the ID taken above (read the other way
+    # round, the same patient was once coerced into a second row).
     candidates = session.scalars(
         select(Patient).where(Patient.received_patient_id == record.patient_id).order_by(Patient.id)
     ).all()
     for patient in candidates:
         if _same_name(patient, record):
             return patient
-    taken = select(Patient.id).where(Patient.patient_id == record.patient_id)
-    if session.scalar(taken) is None:
+    if taken is None:
         return _new_patient(session, record, record.patient_id)
     for n in range(1, MAX_PATIENT_ID_SUFFIX):
         candidate = coerced_patient_id(record.patient_id, n)
