@@ -484,8 +484,16 @@ def test_peer_release_after_rsp_gets_report_on_new_association(make_suite: Any) 
         event_type, ds, calling = peer.wait()[0]
     assert (event_type, ds.TransactionUID, calling) == (1, tuid, "EX_STORE_SCP")
     assert peer.roles[0] == {COMMITMENT: (False, True)}
-    assert final_state(suite, tuid).state == CommitmentState.DELIVERED
-    assert original.received == []
+    state = final_state(suite, tuid)
+    assert state.state == CommitmentState.DELIVERED
+    # The release races the report: either the server saw the A-RELEASE-RQ first and
+    # never used the original association (one attempt), or it had already sent the
+    # report there, got no answer, and counted that attempt before the new association
+    # (two; the SCU's gated handler may or may not have seen it before releasing). Both
+    # are what the statement describes; the report is never answered on the original.
+    assert state.attempts in (1, 2)
+    if original.received:
+        assert state.attempts == 2
     still_serving(suite)
 
 
