@@ -363,7 +363,7 @@ def print_film(
     items: Sequence[Dataset],
     display_format: str,
     wait_job: bool,
-    timeout: float = 120,
+    timeout: float = 30,
 ) -> FilmRun:
     """One association, one film: N-CREATE film session and film box, N-SET every image
     box, N-ACTION print. Done is the Print Job's DONE N-EVENT-REPORT when ``wait_job``

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 GENERATOR_VERSION = 1
@@ -298,7 +298,7 @@ def worklist_steps(root: Path, steps: int) -> WorklistSet:
         ds.ReferencedPatientSequence = []
         ds.SpecificCharacterSet = "ISO_IR 100"
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MWL_SOP_CLASS
+        meta.MediaStorageSOPClassUID = UID(MWL_SOP_CLASS)
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta

@@ -448,8 +448,6 @@ def phase_move(ctx: Context) -> None:
                 ctx.stopped(running)
 
 
-# Phases run after the selected ones whatever --phases says (none today).
-EXTRA_PHASES: list[Callable[[Context], None]] = []
 PHASES: dict[str, Callable[[Context], None]] = {
     "store": phase_store,
     "find": phase_find,
@@ -527,7 +525,10 @@ def render(ctx: Context, started: datetime, seconds: float) -> str:
         "included). Clients: DCMTK storescu/findscu/movescu/echoscu with TCP_NODELAY=1. "
         "`+nodelay`: the peer runs with TCP_NODELAY=1 in its environment. "
         "Lost: acknowledged with Success but not in the peer's index (C-FIND at IMAGE "
-        "level) or, for storescp, not on disk.",
+        "level) or, for storescp, not on disk. MWL: `findscu -W` p50/p95 over the same "
+        "number of runs; MPPS and print: pynetdicom SCUs, medians over the repetitions; "
+        "a film is *rendered* when the SCP's Print Job DONE event report arrives "
+        "(dicomlab sends it after the PNG is written).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -627,7 +628,7 @@ def run(
         start_new_session=True,
     )
     try:
-        for phase in [*(PHASES[name] for name in phases), *EXTRA_PHASES]:
+        for phase in (PHASES[name] for name in phases):
             phase(ctx)
             if out_dir is not None:  # a partial table survives an interrupted run
                 out_dir.mkdir(parents=True, exist_ok=True)
