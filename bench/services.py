@@ -32,6 +32,8 @@ def _split(
     ctx: Context, service: str, workload: str, metrics: Sequence[tuple[str, bool, str]]
 ) -> list[Peer]:
     """The peers that can do ``service``; the others get "n/a: why" in every metric row."""
+    for metric, higher, summary in (*metrics, (RSS, False, "max")):
+        ctx.row(workload, metric, higher, summary)  # rows print in this order
     able = []
     for peer in ctx.peers:
         if service in peer.capabilities:
