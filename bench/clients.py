@@ -311,9 +311,16 @@ def mpps_round_trips(running: Running, steps: Sequence[tuple[str, str, str]]) ->
     ok, detail = 0, ""
     try:
         for create, final, uid in zip(creates, finals, uids, strict=True):
+            if not assoc.is_established:
+                # pynetdicom aborts when a response misses its DIMSE timeout; the
+                # remaining steps count as failed rather than ending the whole run.
+                detail = "association aborted (no response within the DIMSE timeout)"
+                break
             status, _ = assoc.send_n_create(create, MPPS_SOP_CLASS, uid)
             if not status or status.Status != 0x0000:
                 detail = f"N-CREATE status {status.get('Status', 'none') if status else 'none'}"
+                continue
+            if not assoc.is_established:
                 continue
             status, _ = assoc.send_n_set(final, MPPS_SOP_CLASS, uid)
             if not status or status.Status != 0x0000:
@@ -401,59 +408,74 @@ def print_film(
     if not assoc.is_established:
         return FilmRun(0, 0, False, "", "association refused")
     _nodelay(assoc)
-    ok_codes = (0x0000, 0xB600, 0xB602, 0xB603, 0x0107, 0x0116)
-    job_uid, detail = "", ""
     try:
-        session = Dataset()
-        session.NumberOfCopies = 1
-        session_uid = str(generate_uid())
-        status, _ = assoc.send_n_create(session, FILM_SESSION, session_uid, meta_uid=PRINT_META)
-        if not status or status.Status not in ok_codes:
-            return FilmRun(0, 0, False, "", f"film session: {status}")
-        box = Dataset()
-        box.ImageDisplayFormat = display_format
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = FILM_SESSION
-        ref.ReferencedSOPInstanceUID = session_uid
-        box.ReferencedFilmSessionSequence = [ref]
-        box_uid = str(generate_uid())
-        status, attrs = assoc.send_n_create(box, FILM_BOX, box_uid, meta_uid=PRINT_META)
-        if not status or status.Status not in ok_codes or attrs is None:
-            return FilmRun(0, 0, False, "", f"film box: {status}")
-        boxes = [str(b.ReferencedSOPInstanceUID) for b in attrs.ReferencedImageBoxSequence]
-        for position, (image_box, item) in enumerate(zip(boxes, items, strict=False), start=1):
-            ds = Dataset()
-            ds.ImageBoxPosition = position
-            ds.BasicGrayscaleImageSequence = [item]
-            status, _ = assoc.send_n_set(ds, IMAGE_BOX, image_box, meta_uid=PRINT_META)
-            if not status or status.Status not in ok_codes:
-                return FilmRun(0, 0, False, "", f"image box {position}: {status}")
-        status, reply = assoc.send_n_action(None, 1, FILM_BOX, box_uid, meta_uid=PRINT_META)
-        if not status or status.Status not in ok_codes:
-            return FilmRun(0, 0, False, "", f"print: {status}")
-        # (2100,0500): pydicom calls it ReferencedPrintJobSequencePullStoredPrint.
-        accepted = time.perf_counter() - started
-        if reply is not None and 0x21000500 in reply and reply[0x21000500].value:
-            job_uid = str(reply[0x21000500].value[0].ReferencedSOPInstanceUID)
-        if wait_job and not job_uid:
-            return FilmRun(0, 0, False, "", "N-ACTION reply names no print job")
-        if wait_job:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                with lock:
-                    final = [
-                        e for e, uid in events if uid == job_uid and e in (JOB_DONE, JOB_FAILURE)
-                    ]
-                if final:
-                    break
-                time.sleep(0.002)
-            else:
-                return FilmRun(0, 0, False, job_uid, "no DONE event report in time")
-            if final[0] != JOB_DONE:
-                return FilmRun(0, 0, False, job_uid, "print job FAILURE")
-        seconds = time.perf_counter() - started
-        assoc.send_n_delete(FILM_SESSION, session_uid, meta_uid=PRINT_META)
-        return FilmRun(accepted, seconds, True, job_uid, detail)
+        return _print_session(
+            assoc, items, display_format, wait_job, timeout, started, events, lock
+        )
+    except RuntimeError as exc:  # a send after pynetdicom aborted on a DIMSE timeout
+        return FilmRun(0, 0, False, "", f"association aborted: {exc}")
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _print_session(
+    assoc: Any,
+    items: Sequence[Dataset],
+    display_format: str,
+    wait_job: bool,
+    timeout: float,
+    started: float,
+    events: list[tuple[int, str]],
+    lock: threading.Lock,
+) -> FilmRun:
+    ok_codes = (0x0000, 0xB600, 0xB602, 0xB603, 0x0107, 0x0116)
+    job_uid, detail = "", ""
+    session = Dataset()
+    session.NumberOfCopies = 1
+    session_uid = str(generate_uid())
+    status, _ = assoc.send_n_create(session, FILM_SESSION, session_uid, meta_uid=PRINT_META)
+    if not status or status.Status not in ok_codes:
+        return FilmRun(0, 0, False, "", f"film session: {status}")
+    box = Dataset()
+    box.ImageDisplayFormat = display_format
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = FILM_SESSION
+    ref.ReferencedSOPInstanceUID = session_uid
+    box.ReferencedFilmSessionSequence = [ref]
+    box_uid = str(generate_uid())
+    status, attrs = assoc.send_n_create(box, FILM_BOX, box_uid, meta_uid=PRINT_META)
+    if not status or status.Status not in ok_codes or attrs is None:
+        return FilmRun(0, 0, False, "", f"film box: {status}")
+    boxes = [str(b.ReferencedSOPInstanceUID) for b in attrs.ReferencedImageBoxSequence]
+    for position, (image_box, item) in enumerate(zip(boxes, items, strict=False), start=1):
+        ds = Dataset()
+        ds.ImageBoxPosition = position
+        ds.BasicGrayscaleImageSequence = [item]
+        status, _ = assoc.send_n_set(ds, IMAGE_BOX, image_box, meta_uid=PRINT_META)
+        if not status or status.Status not in ok_codes:
+            return FilmRun(0, 0, False, "", f"image box {position}: {status}")
+    status, reply = assoc.send_n_action(None, 1, FILM_BOX, box_uid, meta_uid=PRINT_META)
+    if not status or status.Status not in ok_codes:
+        return FilmRun(0, 0, False, "", f"print: {status}")
+    # (2100,0500): pydicom calls it ReferencedPrintJobSequencePullStoredPrint.
+    accepted = time.perf_counter() - started
+    if reply is not None and 0x21000500 in reply and reply[0x21000500].value:
+        job_uid = str(reply[0x21000500].value[0].ReferencedSOPInstanceUID)
+    if wait_job and not job_uid:
+        return FilmRun(0, 0, False, "", "N-ACTION reply names no print job")
+    if wait_job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with lock:
+                final = [e for e, uid in events if uid == job_uid and e in (JOB_DONE, JOB_FAILURE)]
+            if final:
+                break
+            time.sleep(0.002)
+        else:
+            return FilmRun(0, 0, False, job_uid, "no DONE event report in time")
+        if final[0] != JOB_DONE:
+            return FilmRun(0, 0, False, job_uid, "print job FAILURE")
+    seconds = time.perf_counter() - started
+    assoc.send_n_delete(FILM_SESSION, session_uid, meta_uid=PRINT_META)
+    return FilmRun(accepted, seconds, True, job_uid, detail)
