@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import clients, data
-from bench.peers import CANNOT, MPPS, MWL, PRINT, WLMSCPFS_AE, Peer, Running
+from bench.peers import (
+    CANNOT,
+    MPPS,
+    MWL,
+    ORTHANC_WORKLISTS_PLUGIN,
+    PRINT,
+    WLMSCPFS_AE,
+    Peer,
+    Running,
+)
 
 if TYPE_CHECKING:
     from bench.run import Context
@@ -138,6 +147,12 @@ def phase_mwl(ctx: Context) -> None:
                     (f"{name}, matches", True, "max")]  # fmt: skip
     metrics.append(("wrong match counts (sum) ↓", False, "sum"))
     peers = _split(ctx, MWL, workload, metrics)
+    if not ORTHANC_WORKLISTS_PLUGIN.exists():
+        for peer in [p for p in peers if p.kind == "orthanc"]:
+            for metric, higher, summary in metrics:
+                why = f"n/a: no worklist plugin at {ORTHANC_WORKLISTS_PLUGIN}"
+                ctx.na(workload, metric, higher, peer.name, why, summary)
+            peers.remove(peer)
     loaded: dict[str, Path] = {}
     for rnd in range(2):
         for peer in ctx.rotated(peers, rnd):
