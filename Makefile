@@ -17,7 +17,7 @@ help:
 	@echo "make statements  regenerate statements/*.md from the code"
 	@echo "make clean       remove caches (keeps .venv and data/)"
 	@echo "make bench       dicomlab beside DCMTK, Orthanc, pynetdicom (full profile, ~45 min)"
-	@echo "make bench-quick the same with small sizes (~3 min); bench-smoke: CI regression guard"
+	@echo "make bench-quick the same with small sizes (~8 min); bench-smoke: CI regression guard"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 GENERATOR_VERSION = 1
@@ -235,3 +235,74 @@ def find_studies(root: Path, studies: int) -> InstanceSet:
 
 def default_cache() -> Path:
     return Path(os.environ.get("DICOMLAB_BENCH_CACHE", Path(__file__).parent / ".cache"))
+
+
+WORKLIST_STATIONS = ("CT01", "CT02", "CT03", "MR01", "MR02", "US01", "US02", "CR01", "CR02", "XA01")
+WORKLIST_DAYS = 20  # scheduled dates 20261201 .. 20261220
+MWL_SOP_CLASS = "1.2.840.10008.5.1.4.31"
+
+
+@dataclass(frozen=True)
+class WorklistSet:
+    path: Path
+    entries: Path  # entries.json: the rows ``dicomlab worklist import`` takes
+    wl_dir: Path  # one .wl file (Part 10) per step, the same data sets
+
+
+def worklist_steps(root: Path, steps: int) -> WorklistSet:
+    """``steps`` scheduled procedure steps, one per patient, as an import file for dicomlab
+    and as .wl files for DCMTK's wlmscpfs and Orthanc's worklist plugin.
+
+    The .wl data sets are what dicomlab's own entry builder
+    (:func:`servers.worklist.entries.build_entry`) makes of the same rows, so every
+    peer holds the same entries; the identifiers it would otherwise generate are given.
+    Patient names come from the same 26 family names as ``find-S`` (so ``A*`` matches
+    about 1/26), stations from :data:`WORKLIST_STATIONS`, dates over
+    :data:`WORKLIST_DAYS` days.
+    """
+    from servers.worklist.entries import build_entry
+
+    name = f"mwl-{steps}"
+    path = root / name
+    params: dict[str, object] = {"v": GENERATOR_VERSION, "kind": "mwl", "steps": steps}
+    done = path / "params.json"
+    result = WorklistSet(path, path / "entries.json", path / "wl")
+    if done.exists() and json.loads(done.read_text()) == params:
+        return result
+    path = _fresh_dir(root, name)
+    result.wl_dir.mkdir()
+    rng = random.Random(steps)
+    rows = []
+    for i in range(steps):
+        family = FAMILY_NAMES[i % len(FAMILY_NAMES)]
+        given = GIVEN_NAMES[(i // len(FAMILY_NAMES)) % len(GIVEN_NAMES)]
+        station = WORKLIST_STATIONS[rng.randrange(len(WORKLIST_STATIONS))]
+        row = {
+            "PatientID": f"W{i:07d}",
+            "PatientName": f"{family}{i}^{given}",
+            "PatientBirthDate": "19700101",
+            "PatientSex": "F" if i % 2 else "M",
+            "Modality": station[:2],
+            "ScheduledStationAETitle": station,
+            "ScheduledProcedureStepStartDate": f"202612{rng.randrange(WORKLIST_DAYS) + 1:02d}",
+            "ScheduledProcedureStepStartTime": f"{8 + rng.randrange(10):02d}{rng.randrange(4) * 15:02d}",
+            "AccessionNumber": f"WA{i:09d}",
+            "ScheduledProcedureStepID": f"WS{i:09d}",
+            "StudyInstanceUID": f"2.25.{1000000 + steps}{i:09d}",
+            "RequestedProcedureDescription": f"{station[:2]} EXAM",
+        }
+        rows.append(row)
+        ds = build_entry(row, "bench").dataset
+        # A Type 2 return key dicomlab answers empty; without it wlmscpfs logs a
+        # warning per file per query.
+        ds.ReferencedPatientSequence = []
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(MWL_SOP_CLASS)
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        ds.save_as(result.wl_dir / f"{i:07d}.wl", enforce_file_format=True)
+    result.entries.write_text(json.dumps(rows))
+    done.write_text(json.dumps(params))
+    return result

@@ -33,10 +33,42 @@ STORE = "store"
 FIND = "find"
 MOVE = "move"
 ECHO = "echo"
+MWL = "mwl"  # Modality Worklist C-FIND
+MPPS = "mpps"  # Modality Performed Procedure Step N-CREATE/N-SET
+PRINT = "print"  # Basic Grayscale Print Management
 
 CLIENT_AE = "BENCHSCU"
 DEST_AE = "BENCHDEST"
-APT_PACKAGES = {"dcmqrscp": "dcmtk", "storescp": "dcmtk", "storescu": "dcmtk", "Orthanc": "orthanc"}
+APT_PACKAGES = {
+    "dcmqrscp": "dcmtk",
+    "storescp": "dcmtk",
+    "storescu": "dcmtk",
+    "wlmscpfs": "dcmtk",
+    "dcmprscp": "dcmtk",
+    "Orthanc": "orthanc",
+}
+ORTHANC_WORKLISTS_PLUGIN = Path("/usr/share/orthanc/plugins/libModalityWorklists.so")
+# What a peer cannot do, and why (printed as "n/a: ..." in the table).
+CANNOT: dict[tuple[str, str], str] = {
+    ("orthanc", MPPS): "Orthanc has no MPPS SCP",
+    ("orthanc", PRINT): "Orthanc has no print SCP",
+    ("dcmqrscp", MWL): "Q/R SCP only (DCMTK's worklist SCP is wlmscpfs)",
+    ("dcmqrscp", MPPS): "DCMTK has no MPPS SCP",
+    ("dcmqrscp", PRINT): "Q/R SCP only (DCMTK's print SCP is dcmprscp)",
+    ("storescp", MWL): "storage SCP only",
+    ("storescp", MPPS): "storage SCP only; DCMTK has no MPPS SCP",
+    ("storescp", PRINT): "storage SCP only",
+    ("pynetdicom-qrscp", MWL): "pynetdicom's qrscp app has no worklist model",
+    ("pynetdicom-qrscp", MPPS): "pynetdicom bundles no MPPS SCP app",
+    ("pynetdicom-qrscp", PRINT): "pynetdicom bundles no print SCP app",
+    ("pynetdicom-storescp", MWL): "storage SCP only",
+    ("pynetdicom-storescp", MPPS): "storage SCP only; pynetdicom bundles no MPPS SCP app",
+    ("pynetdicom-storescp", PRINT): "storage SCP only",
+    ("wlmscpfs", MPPS): "worklist SCP only; DCMTK has no MPPS SCP",
+    ("wlmscpfs", PRINT): "worklist SCP only",
+    ("dcmprscp", MWL): "print SCP only",
+    ("dcmprscp", MPPS): "print SCP only; DCMTK has no MPPS SCP",
+}
 
 
 def free_port() -> int:
@@ -139,6 +171,11 @@ class Running:
     sampler: RssSampler | None = None
     peak_rss_kb: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    # Service (MWL, MPPS, PRINT) -> (port, called AE title), where not the Q/R port.
+    services: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def endpoint(self, service: str) -> tuple[int, str]:
+        return self.services.get(service, (self.qr_port, self.qr_aet))
 
     def stop(self) -> None:
         if self.sampler is not None:
@@ -224,7 +261,8 @@ def _popen(cmd: list[str], env: dict[str, str], work: Path) -> subprocess.Popen[
 
 def _wait_listening(running: Running, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    ports = {running.store_port, running.qr_port} - {0}
+    ports = {running.store_port, running.qr_port, *(p for p, _ in running.services.values())}
+    ports -= {0}
     while time.monotonic() < deadline:
         if running.proc.poll() is not None:
             log = (running.data_dir / "server.log").read_text(errors="replace")[-2000:]
@@ -251,7 +289,7 @@ def _wait_listening(running: Running, timeout: float = 60.0) -> None:
 
 
 def _start_dicomlab(peer: Peer, work: Path, dest_port: int) -> Running:
-    store_port, qr_port = free_port(), free_port()
+    store_port, qr_port, ris_port, print_port = (free_port() for _ in range(4))
     env = peer.env()
     env.update(
         {
@@ -260,6 +298,13 @@ def _start_dicomlab(peer: Peer, work: Path, dest_port: int) -> Running:
             "DICOMLAB_LOG_FORMAT": "json",
             "DICOMLAB_AE__STORAGE_SCP__PORT": str(store_port),
             "DICOMLAB_AE__QUERY_SCP__PORT": str(qr_port),
+            # Free ports for the RIS and print AEs too: their defaults may be taken.
+            "DICOMLAB_AE__RIS_SCP__PORT": str(ris_port),
+            "DICOMLAB_AE__PRINT_SCP__PORT": str(print_port),
+            "DICOMLAB_SERVICES__WORKLIST__HL7_PORT": str(free_port()),
+            # The MWL workload's "A*" query matches ~390 of 10,000 steps; the default
+            # limit (100, answered A700) would refuse it.
+            "DICOMLAB_SERVICES__WORKLIST__MAX_MATCHES": "100000",
             # 32 concurrent associations is a workload; the default limit is 10.
             "DICOMLAB_AE__STORAGE_SCP__MAX_ASSOCIATIONS": "40",
             "DICOMLAB_AE__QUERY_SCP__MAX_ASSOCIATIONS": "40",
@@ -269,7 +314,14 @@ def _start_dicomlab(peer: Peer, work: Path, dest_port: int) -> Running:
     )
     dicomlab = Path(sys.executable).with_name("dicomlab")
     proc = _popen([str(dicomlab), "serve"], env, work)
-    return Running(peer, proc, work, store_port, "EX_STORE_SCP", qr_port, "EX_QUERY_SCP")
+    services = {
+        MWL: (ris_port, "DICOMSRV"),
+        MPPS: (ris_port, "DICOMSRV"),
+        PRINT: (print_port, "PRINT_SCP"),
+    }
+    return Running(
+        peer, proc, work, store_port, "EX_STORE_SCP", qr_port, "EX_QUERY_SCP", services=services
+    )
 
 
 def dicomlab_env_for(work: Path) -> dict[str, str]:
@@ -345,11 +397,65 @@ def _start_orthanc(peer: Peer, work: Path, dest_port: int) -> Running:
         "LimitFindInstances": 0,
         "SynchronousCMove": True,
     }
+    worklists = work / "worklists"
+    if worklists.is_dir():
+        # Only for the MWL workload: the sample plugin Orthanc ships, over a folder of .wl files.
+        config["Plugins"] = [str(ORTHANC_WORKLISTS_PLUGIN)]
+        config["Worklists"] = {"Enable": True, "Database": str(worklists)}
+        config["DicomAlwaysAllowFindWorklist"] = True
     cfg = work / "orthanc.json"
     cfg.write_text(json.dumps(config, indent=2))
     binary = ensure_installed("Orthanc") or "Orthanc"
     proc = _popen([binary, str(cfg)], peer.env(), work)
     return Running(peer, proc, work, port, "ORTHANC", port, "ORTHANC", http_port=http_port)
+
+
+WLMSCPFS_AE = "WLMSCPFS"
+
+
+def _start_wlmscpfs(peer: Peer, work: Path, dest_port: int) -> Running:
+    """DCMTK's worklist SCP over ``work/wl/WLMSCPFS/*.wl`` (the called AE names the folder)."""
+    port = free_port()
+    (work / "wl" / WLMSCPFS_AE).mkdir(parents=True, exist_ok=True)
+    proc = _popen(["wlmscpfs", "-dfp", str(work / "wl"), str(port)], peer.env(), work)
+    return Running(peer, proc, work, port, WLMSCPFS_AE, port, WLMSCPFS_AE)
+
+
+DCMPRSCP_PRINTER = "IHEFULL"
+
+
+def dcmprscp_config(port: int, work: Path) -> str:
+    """DCMTK's shipped dcmpstat.cfg with its directories under ``work`` and a free port.
+
+    The printer is the shipped "IHEFULL" entry (display formats up to 4,5, 12-bit).
+    """
+    text = Path("/etc/dcmtk/dcmpstat.cfg").read_text()
+    out, section = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            section = stripped.strip("[]")
+        key = stripped.split("=", 1)[0].strip()
+        if key in ("Directory", "LogDirectory") and "=" in stripped:
+            name = stripped.split("=", 1)[1].strip()
+            target = work / name
+            target.mkdir(parents=True, exist_ok=True)
+            line = f"{key} = {target}"
+        elif section == DCMPRSCP_PRINTER and key == "Port":
+            line = f"Port = {port}"
+        elif section == DCMPRSCP_PRINTER and key == "Hostname":
+            line = "Hostname = 127.0.0.1"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _start_dcmprscp(peer: Peer, work: Path, dest_port: int) -> Running:
+    port = free_port()
+    cfg = work / "dcmpstat.cfg"
+    cfg.write_text(dcmprscp_config(port, work))
+    proc = _popen(["dcmprscp", "-c", str(cfg), "-p", DCMPRSCP_PRINTER], peer.env(), work)
+    services = {PRINT: (port, DCMPRSCP_PRINTER)}
+    return Running(peer, proc, work, port, DCMPRSCP_PRINTER, 0, "", services=services)
 
 
 QRSCP_CONFIG = """\
@@ -415,9 +521,12 @@ STARTERS: dict[str, Callable[[Peer, Path, int], Running]] = {
     "orthanc": _start_orthanc,
     "pynetdicom-qrscp": _start_pynetdicom_qrscp,
     "pynetdicom-storescp": _start_pynetdicom_storescp,
+    "wlmscpfs": _start_wlmscpfs,
+    "dcmprscp": _start_dcmprscp,
 }
 
 ALL = frozenset({STORE, FIND, MOVE, ECHO})
+DICOMLAB = ALL | {MWL, MPPS, PRINT}
 STORE_ONLY = frozenset({STORE, ECHO})
 
 
@@ -427,14 +536,21 @@ def all_peers() -> list[Peer]:
             "dicomlab",
             "dicomlab",
             "dicomlab",
-            ALL,
+            DICOMLAB,
             files_under="data/instances",
             note="durable: file fsynced and index row committed before Success",
         ),
         Peer("dcmqrscp", "dcmqrscp", "dcmqrscp", ALL, files_under="db"),
         Peer("dcmqrscp+nodelay", "dcmqrscp", "dcmqrscp", ALL, nodelay_env=True, files_under="db"),
-        Peer("orthanc", "orthanc", "Orthanc", ALL, files_under="storage"),
-        Peer("orthanc+nodelay", "orthanc", "Orthanc", ALL, nodelay_env=True, files_under="storage"),
+        Peer("orthanc", "orthanc", "Orthanc", ALL | {MWL}, files_under="storage"),
+        Peer(
+            "orthanc+nodelay",
+            "orthanc",
+            "Orthanc",
+            ALL | {MWL},
+            nodelay_env=True,
+            files_under="storage",
+        ),
         Peer("storescp", "storescp", "storescp", STORE_ONLY, files_under="out", note="no index"),
         Peer(
             "storescp+nodelay",
@@ -454,6 +570,10 @@ def all_peers() -> list[Peer]:
             files_under="out",
             note="no index",
         ),
+        Peer("wlmscpfs", "wlmscpfs", "wlmscpfs", frozenset({MWL, ECHO})),
+        Peer("wlmscpfs+nodelay", "wlmscpfs", "wlmscpfs", frozenset({MWL, ECHO}), nodelay_env=True),
+        Peer("dcmprscp", "dcmprscp", "dcmprscp", frozenset({PRINT})),
+        Peer("dcmprscp+nodelay", "dcmprscp", "dcmprscp", frozenset({PRINT}), nodelay_env=True),
     ]
 
 

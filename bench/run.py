@@ -7,9 +7,9 @@ latencies are p50/p95 over all runs of a query. The ratio in each cell is
 dicomlab's figure divided by that peer's (↑: higher is better, ↓: lower is
 better). Results go to stdout, ``bench/results/latest.md`` and ``latest.json``.
 
-Hooks for services still to come (MWL C-FIND, MPPS N-CREATE/N-SET, print) are
-the ``EXTRA_PHASES`` list: a phase is a function ``(ctx) -> None`` that adds
-rows through ``ctx.record`` and ``ctx.na``.
+A phase is a function ``(ctx) -> None`` that adds rows through ``ctx.record``
+and ``ctx.na``; ``PHASES`` names them for ``--phases``. The RIS and print
+workloads (MWL C-FIND, MPPS N-CREATE/N-SET, print) are in ``bench/services.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import clients, data
+from bench import clients, data, services
 from bench.peers import (
     DEST_AE,
     FIND,
@@ -68,6 +68,10 @@ class Profile:
     # Above this many studies only these kinds are loaded (C-STORE loads take too long).
     big_find: int = 10_000
     big_find_kinds: tuple[str, ...] = ("dicomlab", "orthanc")
+    mwl_steps: int = 10_000  # scheduled procedure steps on the worklist
+    mpps: int = 100  # N-CREATE + N-SET round trips per repetition
+    print_films: int = 3  # films per repetition and bit depth
+    print_bits: tuple[int, ...] = (8, 12)
 
 
 PROFILES = {
@@ -95,6 +99,8 @@ PROFILES = {
         move=200,
         move_reps=5,
         echo_runs=30,
+        mpps=300,
+        print_films=6,
     ),
 }
 
@@ -442,12 +448,13 @@ def phase_move(ctx: Context) -> None:
                 ctx.stopped(running)
 
 
-# Services still to land (MWL, MPPS, print) add their phases here.
-EXTRA_PHASES: list[Callable[[Context], None]] = []
 PHASES: dict[str, Callable[[Context], None]] = {
     "store": phase_store,
     "find": phase_find,
     "move": phase_move,
+    "mwl": services.phase_mwl,
+    "mpps": services.phase_mpps,
+    "print": services.phase_print,
 }
 
 
@@ -518,7 +525,10 @@ def render(ctx: Context, started: datetime, seconds: float) -> str:
         "included). Clients: DCMTK storescu/findscu/movescu/echoscu with TCP_NODELAY=1. "
         "`+nodelay`: the peer runs with TCP_NODELAY=1 in its environment. "
         "Lost: acknowledged with Success but not in the peer's index (C-FIND at IMAGE "
-        "level) or, for storescp, not on disk.",
+        "level) or, for storescp, not on disk. MWL: `findscu -W` p50/p95 over the same "
+        "number of runs; MPPS and print: pynetdicom SCUs, medians over the repetitions; "
+        "a film is *rendered* when the SCP's Print Job DONE event report arrives "
+        "(dicomlab sends it after the PNG is written).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -618,7 +628,7 @@ def run(
         start_new_session=True,
     )
     try:
-        for phase in [*(PHASES[name] for name in phases), *EXTRA_PHASES]:
+        for phase in (PHASES[name] for name in phases):
             phase(ctx)
             if out_dir is not None:  # a partial table survives an interrupted run
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -650,10 +660,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--peers", help="comma-separated peer names (default: all)")
     parser.add_argument(
-        "--phases", default="store,find,move", help="comma-separated: store (with echo), find, move"
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated, of: {', '.join(PHASES)} (store includes C-ECHO)",
     )
     parser.add_argument("--reps", type=int, help="override the profile's repetitions")
     parser.add_argument("--find-studies", help="override, e.g. 10000,100000")
+    parser.add_argument("--mwl-steps", type=int, help="override the worklist size")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     if args.reps:
@@ -661,8 +674,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.find_studies:
         sizes = tuple(int(s) for s in args.find_studies.split(","))
         profile = Profile(**{**profile.__dict__, "find_studies": sizes})
+    if args.mwl_steps:
+        profile = Profile(**{**profile.__dict__, "mwl_steps": args.mwl_steps})
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(unknown)}")
     peers = args.peers.split(",") if args.peers else None
-    run(profile, peers, [p for p in args.phases.split(",") if p])
+    run(profile, peers, phases)
     return 0
 
 
