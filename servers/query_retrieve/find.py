@@ -33,6 +33,8 @@ from servers.core.declaration import (
     StatusTable,
 )
 from servers.core.dimse import CancelLatch
+from servers.core.transfer_syntax import IMPLICIT_VR_LE
+from servers.query_retrieve.find_scp import encode_elements
 from servers.query_retrieve.keys import (
     CONTROL_KEYWORDS,
     UNIQUE_KEYS,
@@ -488,14 +490,69 @@ def _check_partial_values(query: FindQuery, present: dict[str, list[str]]) -> No
 # --- responses ------------------------------------------------------------------------
 
 
+@dataclass
+class ResponseTemplate:
+    """What every pending identifier of one request shares, worked out once.
+
+    Elements in tag order: Query/Retrieve Level and Retrieve AE Title pre-encoded
+    (digest D8), the returned keys as ``(key, keyword)`` slots filled per match.
+    """
+
+    query: FindQuery
+    implicit: bool
+    slots: list[tuple[int, str, bytes | str]]
+
+    @classmethod
+    def create(cls, query: FindQuery, retrieve_ae: str, implicit: bool) -> ResponseTemplate:
+        slots: list[tuple[int, str, bytes | str]] = [
+            (0x00080052, "CS", query.level.encode("ascii")),
+            (0x00080054, "AE", retrieve_ae.encode("ascii")),
+        ]
+        slots += [(key.tag, key.vr, key.keyword) for key in query.returned]
+        slots.sort(key=lambda slot: slot[0])
+        return cls(query, implicit, slots)
+
+    def encode(self, match: dict[str, str]) -> tuple[bytes, bool]:
+        """The pending identifier for one match, and whether a value had to be dropped.
+
+        Every requested supported key, zero-length when unknown; Specific Character
+        Set ISO_IR 100 when a value needs it (D9); Patient's Sex 'U' returned empty
+        (D13). The bytes are what pydicom writes for the same Dataset
+        (tests/test_find.py compares them).
+        """
+        dropped = False
+        wide = False
+        elements: list[tuple[int, str, bytes]] = []
+        for tag, vr, slot in self.slots:
+            if isinstance(slot, bytes):
+                elements.append((tag, vr, slot))
+                continue
+            value = match.get(slot, "")
+            if slot == "PatientSex" and value == "U":
+                value = ""
+            if value.isascii():
+                elements.append((tag, vr, value.encode("ascii")))
+                continue
+            try:
+                elements.append((tag, vr, value.encode(RESPONSE_ENCODING)))
+                wide = True
+            except UnicodeEncodeError:
+                elements.append((tag, vr, b""))
+                dropped = True
+        if wide:
+            elements.insert(0, (0x00080005, "CS", RESPONSE_CHARSET.encode("ascii")))
+        elif self.query.charset_requested:
+            elements.insert(0, (0x00080005, "CS", b""))
+        return encode_elements(elements, self.implicit), dropped
+
+
 def build_response(
     query: FindQuery, match: dict[str, str], retrieve_ae: str
 ) -> tuple[Dataset, bool]:
-    """The pending identifier for one match, and whether a value had to be dropped.
+    """The pending identifier for one match as a pydicom Dataset (the reference form).
 
-    Always Query/Retrieve Level and Retrieve AE Title (digest D8); every requested
-    supported key, zero-length when unknown; Specific Character Set ISO_IR 100 when
-    a value needs it (D9); Patient's Sex 'U' returned empty (D13).
+    :class:`ResponseTemplate` encodes the same thing straight to bytes for the SCP;
+    this is what those bytes are checked against.
     """
     ds = Dataset()
     dropped = False
@@ -532,7 +589,8 @@ def between_matches(is_cancelled: Callable[[], bool]) -> None:
     """
 
 
-FindResult = tuple[Dataset | int, Dataset | None]
+# Pending identifiers are encoded bytes: FindServiceClass (find_scp.py) sends them.
+FindResult = tuple[Dataset | int, bytes | None]
 
 
 def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResult]]:
@@ -581,6 +639,8 @@ def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResul
             )
             yield OUT_OF_RESOURCES.code, None
             return
+        syntax = event.context.transfer_syntax
+        template = ResponseTemplate.create(query, retrieve_ae, syntax == IMPLICIT_VR_LE)
         cancelled = CancelLatch(event)
         sent = 0
         for match in matches:
@@ -589,7 +649,7 @@ def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResul
                 yield CANCELLED.code, None
                 return
             try:
-                response, dropped = build_response(query, match, retrieve_ae)
+                response, dropped = template.encode(match)
             except Exception as exc:  # a stored value pydicom refuses: never crash the AE
                 log.error(
                     "c_find_handled",
