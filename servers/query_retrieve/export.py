@@ -225,7 +225,7 @@ def _keep_responses_for(assoc: Association, owner: int) -> None:
     sure: the reactor sets ``_is_paused`` before every ``wait()``, so right after a
     resume the flag can still read True while the reactor goes on to
     ``get_msg(block=False)`` and swallows the next C-STORE-RSP; the sub-operation then
-    fails after the DIMSE timeout (3 of 1,600 sub-operations on a busy 2-core host,
+    fails after the DIMSE timeout (2 of 2,000 sub-operations on a busy 2-core host,
     2026-11-23). A STORAGE-SCU association receives nothing but those responses, so every
     other caller is told there is no message.
     """
