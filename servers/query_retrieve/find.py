@@ -452,8 +452,9 @@ def _check_partial_values(query: FindQuery, present: dict[str, list[str]]) -> No
 class ResponseTemplate:
     """What every pending identifier of one request shares, worked out once.
 
-    Elements in tag order: Query/Retrieve Level and Retrieve AE Title pre-encoded
-    (digest D8), the returned keys as ``(key, keyword)`` slots filled per match.
+    Elements in tag order as ``(tag, VR, value)``: Query/Retrieve Level and Retrieve
+    AE Title with their encoded values (digest D8), each returned key with its
+    keyword in place of the value, filled from each match.
     """
 
     query: FindQuery
