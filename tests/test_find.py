@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import threading
 from collections.abc import Iterator
+from io import BytesIO
 from typing import Any
 
 import pytest
@@ -863,3 +864,66 @@ def test_findscu_patient_and_study_root(archive: Suite, dcmtk: Any) -> None:
     assert "Pending: WarningUnsupportedOptionalKeys" in log  # FF01: SOPClassesInStudy
     with associate(archive, "query_scp", [VERIFICATION]) as assoc:
         echo_ok(assoc)
+
+
+# --- pending identifiers encoded without pydicom -----------------------------------------
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize("charset_requested", [False, True])
+def test_encoded_identifier_is_what_pydicom_writes(implicit: bool, charset_requested: bool) -> None:
+    from pynetdicom.dsutils import encode
+
+    model = MODELS["PATIENT_ROOT"]
+    query = find_module.FindQuery(
+        model, "STUDY", returned=list(model.keys[1:14]), charset_requested=charset_requested
+    )
+    matches: list[dict[str, str]] = [
+        {},
+        {"PatientName": "Doe^John", "PatientID": "P1", "PatientSex": "U", "StudyDate": "20240101"},
+        {"PatientName": "Müller^Jörg", "StudyInstanceUID": "1.2.3", "StudyTime": "101500.5"},
+        {"PatientName": "Иванов", "PatientID": "ODD", "OtherPatientIDs": "A\\BC"},
+        {"StudyDescription": "odd", "AccessionNumber": "A1", "PatientSex": "F"},
+    ]
+    for match in matches:
+        template = find_module.ResponseTemplate.create(query, "QR_AE", implicit)
+        encoded, dropped = template.encode(match)
+        reference, reference_dropped = find_module.build_response(query, match, "QR_AE")
+        assert encoded == encode(reference, implicit, True), match
+        assert dropped == reference_dropped
+
+
+def test_pending_sender_fragments_to_the_peer_maximum() -> None:
+    from pydicom.filereader import read_dataset
+    from pynetdicom.dimse_messages import C_FIND_RSP
+
+    from servers.query_retrieve.find_scp import PendingSender
+
+    sent: list[Any] = []
+
+    class Fake:
+        dul = type("Dul", (), {"send_pdu": staticmethod(sent.append)})()
+        dimse = type("Dimse", (), {"maximum_pdu_size": 64})()
+
+    identifier = find_module.encode_elements([(0x00100020, "LO", b"X" * 151)], implicit=True)
+    # 64: command (80 bytes) and identifier (160) each fragmented; otherwise one PDU.
+    for max_pdu, pdus in ((64, 2 + 3), (0, 1), (16384, 1)):
+        sent.clear()
+        Fake.dimse.maximum_pdu_size = max_pdu
+        PendingSender(Fake(), 1, STUDY_ROOT, 9).send(PENDING, identifier)
+        assert len(sent) == pdus
+        for pdata in sent:
+            # A PDV item is 4 length bytes, the context ID, then header byte and data.
+            size = sum(4 + 1 + len(data) for _, data in pdata.presentation_data_value_list)
+            assert size <= (max_pdu or size)
+        message = C_FIND_RSP()
+        for pdata in sent:
+            complete = message.decode_msg(pdata)
+        assert complete
+        cs = message.command_set
+        assert (cs.CommandField, cs.MessageIDBeingRespondedTo, cs.Status) == (0x8020, 9, PENDING)
+        assert cs.AffectedSOPClassUID == STUDY_ROOT and cs.CommandDataSetType == 1
+        assert message.data_set is not None
+        data = message.data_set.getvalue()
+        assert data == identifier
+        assert read_dataset(BytesIO(data), True, True).PatientID == "X" * 151

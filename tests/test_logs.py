@@ -202,3 +202,36 @@ def test_console_trace_is_readable(suite: Suite, captured: Callable[..., Capture
     assert "\n  command_set:\n    (0000,0000) Command Group Length" in text
     assert "\n  accepted_contexts:\n    id=1, abstract_syntax=Verification SOP Class" in text
     assert "\\n" not in text
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_pending_find_responses_are_counted_or_traced(
+    suite: Suite, captured: Callable[..., Captured], trace: bool
+) -> None:
+    with associate(suite, "storage_scp", [CT]) as assoc:
+        for _ in range(2):
+            image = make_image(CT, patient_id="PENDING_LOG", StudyDescription="x" * 60)
+            image.file_meta = FileMetaDataset()
+            image.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            assert assoc.send_c_store(image).Status == 0x0000
+    cap = captured(trace=trace)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = "PENDING_LOG"
+    query.StudyInstanceUID = ""
+    query.StudyDescription = ""
+    # A PDU smaller than one response: the command set and identifier are fragmented.
+    with associate(suite, "query_scp", [STUDY_ROOT_FIND], max_pdu=96) as assoc:
+        answers = list(assoc.send_c_find(query, STUDY_ROOT_FIND))
+    assert [status.Status for status, _ in answers] == [0xFF00, 0xFF00, 0x0000]
+    assert all(ds.StudyDescription == "x" * 60 for _, ds in answers[:2])
+    assert wait_for(cap.has("association_released"))
+    (handled,) = cap.events("c_find_handled")
+    assert handled["sent"] == 2
+    sent = cap.events("dimse_sent")
+    statuses = [line["status"] for line in sent]
+    if trace:
+        assert statuses == ["0xFF00", "0xFF00", "0x0000"]
+        assert "PENDING_LOG" in sent[0]["identifier"]
+    else:
+        assert statuses == ["0x0000"]

@@ -747,3 +747,31 @@ def test_dcmtk_movescu_to_storescp(archive, dcmtk, tmp_path: Path) -> None:
     got = {dcmread(f).SOPInstanceUID for f in files}
     assert got == set(tree.all_uids)
     still_serving(suite)
+
+
+def test_only_the_exporting_thread_takes_responses() -> None:
+    """The destination association's reactor cannot swallow a C-STORE-RSP (export.py)."""
+    import queue
+    from types import SimpleNamespace
+
+    from servers.query_retrieve import export as export_module
+
+    messages: queue.Queue[tuple[int, str]] = queue.Queue()
+
+    def get_msg(block: bool = False) -> tuple[int | None, str | None]:
+        try:
+            return messages.get(block=block, timeout=1)
+        except queue.Empty:
+            return None, None
+
+    assoc: Any = SimpleNamespace(dimse=SimpleNamespace(get_msg=get_msg))
+    export_module._keep_responses_for(assoc, threading.get_ident())
+    messages.put((1, "C-STORE-RSP"))
+    seen: list[Any] = []
+    reactor = threading.Thread(
+        target=lambda: seen.extend([assoc.dimse.get_msg(), assoc.dimse.get_msg(block=True)])
+    )
+    reactor.start()
+    reactor.join()
+    assert seen == [(None, None), (None, None)]
+    assert assoc.dimse.get_msg(block=True) == (1, "C-STORE-RSP")

@@ -25,6 +25,12 @@ from servers.core.declaration import uid_name
 _assoc_ids = itertools.count(1)
 _TRACE = False
 
+
+def tracing() -> bool:
+    """True when ``--trace`` asked for every message's command set and identifier."""
+    return _TRACE
+
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 

@@ -20,6 +20,7 @@ from servers.core.declaration import ContextRow, ServiceDeclaration, StatementSe
 from servers.core.hookspecs import hookimpl
 from servers.core.transfer_syntax import IMPLICIT_VR_LE
 from servers.query_retrieve.find import C_FIND_STATUSES, make_find_handler
+from servers.query_retrieve.find_scp import FindServiceClass
 from servers.query_retrieve.keys import MODELS, InformationModel, key_table_markdown
 from servers.query_retrieve.move import (
     C_MOVE_STATUSES,
@@ -180,7 +181,10 @@ def declaration(config: Config) -> ServiceDeclaration:
         proposed=proposed_contexts(config),
         statuses={"C-FIND": C_FIND_STATUSES, "C-MOVE": C_MOVE_STATUSES},
         handlers=handlers,
-        service_classes={uid: MoveServiceClass for uid in MOVE_SOP_CLASSES if uid in accepted_uids},
+        service_classes={
+            **{m.find_uid: FindServiceClass for m in models},
+            **{uid: MoveServiceClass for uid in MOVE_SOP_CLASSES if uid in accepted_uids},
+        },
         settings=settings,
         statement=find_statement(config, models) + tuple(move_statement(config)),
     )

@@ -22,6 +22,7 @@ connection is a permanent failure.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -217,6 +218,30 @@ def payload(data: bytes, stored: str, target: str, edits: dict[str, str]) -> byt
     return encoded
 
 
+def _keep_responses_for(assoc: Association, owner: int) -> None:
+    """Let only thread ``owner`` take DIMSE messages off ``assoc``'s queue.
+
+    pynetdicom's pause (``_reactor_checkpoint`` / ``_is_paused``) does not make that
+    sure: the reactor sets ``_is_paused`` before every ``wait()``, so right after a
+    resume the flag can still read True while the reactor goes on to
+    ``get_msg(block=False)`` and swallows the next C-STORE-RSP; the sub-operation then
+    fails after the DIMSE timeout (2 of 2,000 sub-operations on a busy 2-core host,
+    2026-11-23). A STORAGE-SCU association receives nothing but those responses, so every
+    other caller is told there is no message.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if threading.get_ident() == owner:
+            return take(block=block)
+        if block:
+            time.sleep(0.001)
+        return None, None
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
 def choose_context(
     accepted: Sequence[PresentationContext], sop_class: str, stored: str
 ) -> PresentationContext:
@@ -273,6 +298,7 @@ class Export:
             )
             if assoc.is_established:
                 self.assoc = assoc
+                _keep_responses_for(assoc, threading.get_ident())
                 self.log.info(
                     "export_association_established",
                     accepted=len(assoc.accepted_contexts),

@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.charset import convert_encodings, decode_bytes, python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import BaseTag
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.queries.find import Condition, find_matches
@@ -33,6 +32,15 @@ from servers.core.declaration import (
     StatusTable,
 )
 from servers.core.dimse import CancelLatch
+from servers.core.query_values import (
+    TEXT_VRS,
+    CharsetError,
+    decode_text,
+    query_encodings,
+    time_bounds,
+)
+from servers.core.transfer_syntax import IMPLICIT_VR_LE
+from servers.query_retrieve.find_scp import encode_elements
 from servers.query_retrieve.keys import (
     CONTROL_KEYWORDS,
     UNIQUE_KEYS,
@@ -125,10 +133,6 @@ PENDING_UNSUPPORTED = C_FIND_STATUSES[0xFF01]
 RESPONSE_CHARSET = "ISO_IR 100"
 RESPONSE_ENCODING = "latin_1"
 
-TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
-PN_DELIMITERS = {0x5C, 0x3D, 0x5E}
-TEXT_DELIMITERS = {0x5C}
-ESC = 0x1B
 
 # "Study attributes" of the Study Root partial-value rule (digest D6).
 STUDY_ATTRIBUTES = (
@@ -142,7 +146,6 @@ STUDY_ATTRIBUTES = (
 )
 
 UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
 IS_RE = re.compile(r"[+-]?[0-9]{1,12}")
 IS_PATTERN_RE = re.compile(r"[+\-0-9*?]{1,12}")
 
@@ -194,30 +197,6 @@ def has_partial_value(values: Sequence[str] | None) -> bool:
 # --- character sets (digest D9) ---------------------------------------------------
 
 
-def query_encodings(identifier: Dataset) -> list[str] | None:
-    """Python codecs for the identifier's Specific Character Set; None when one is unknown.
-
-    Values without a Specific Character Set that use bytes outside ASCII are read as
-    ISO_IR 100, the one extended set the statement declares.
-    """
-    element = identifier.get_item(Tag("SpecificCharacterSet"))
-    terms: list[str] = []
-    if element is not None:
-        raw = element.value
-        if isinstance(raw, bytes):
-            text = raw.decode("ascii", errors="replace")
-        elif raw is None:
-            text = ""
-        else:
-            text = "\\".join(raw) if not isinstance(raw, str) else raw
-        terms = [t.strip(" \0") for t in text.split("\\")]
-    if not terms or terms == [""]:
-        return [python_encoding["ISO_IR 100"]]
-    if any(term not in python_encoding for term in terms):
-        return None
-    return convert_encodings(terms)
-
-
 def _decode(raw: bytes, vr: str, encodings: list[str] | None, keyword: str, tag: int) -> str:
     """A raw value as text; C001 for undecodable text, A900 for non-ASCII elsewhere."""
     if vr not in TEXT_VRS:
@@ -225,19 +204,16 @@ def _decode(raw: bytes, vr: str, encodings: list[str] | None, keyword: str, tag:
             return raw.decode("ascii")
         except UnicodeDecodeError:
             raise FindError(IDENTIFIER_INVALID, f"{keyword} is not ASCII", [tag]) from None
-    if raw.isascii() and ESC not in raw:
-        return raw.decode("ascii")
-    if encodings is None:
-        raise FindError(UNABLE_TO_PROCESS, "Specific Character Set not supported", [0x00080005])
     try:
-        if ESC not in raw:
-            return raw.decode(encodings[0])
-        text = decode_bytes(raw, encodings, PN_DELIMITERS if vr == "PN" else TEXT_DELIMITERS)
-    except (UnicodeError, LookupError):
-        text = "\ufffd"
-    if "\ufffd" in text:
-        raise FindError(UNABLE_TO_PROCESS, f"{keyword} invalid in its character set", [tag])
-    return text
+        return decode_text(raw, vr, encodings)
+    except CharsetError as error:
+        if error.unsupported:
+            raise FindError(
+                UNABLE_TO_PROCESS, "Specific Character Set not supported", [0x00080005]
+            ) from None
+        raise FindError(
+            UNABLE_TO_PROCESS, f"{keyword} invalid in its character set", [tag]
+        ) from None
 
 
 def _element_text(
@@ -264,22 +240,6 @@ def _element_text(
 
 
 # --- value parsing --------------------------------------------------------------------
-
-
-def _time_bounds(value: str) -> tuple[str, str] | None:
-    """The period a TM value denotes, as inclusive normalised bounds (digest D2)."""
-    match = TIME_RE.fullmatch(value)
-    if not match:
-        return None
-    hh, mm, ss, frac = match.groups()
-    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
-        return None
-    low = hh + (mm or "00") + (ss or "00") + (f".{frac}" if frac else "")
-    if frac:
-        high = f"{hh}{mm}{ss}.{frac.ljust(6, '9')}"
-    else:
-        high = hh + (mm or "59") + (ss or "59") + ".999999"
-    return low, high
 
 
 class _Unsupported(Exception):
@@ -327,12 +287,12 @@ def _condition(key: Key, values: list[str], list_allowed: bool) -> Condition | N
     if key.vr == "TM":
         if "-" in value:
             low_text, _, high_text = value.partition("-")
-            low_bounds = _time_bounds(low_text) if low_text else ("", "")
-            high_bounds = _time_bounds(high_text) if high_text else ("", "")
+            low_bounds = time_bounds(low_text) if low_text else ("", "")
+            high_bounds = time_bounds(high_text) if high_text else ("", "")
             if not (low_text or high_text) or low_bounds is None or high_bounds is None:
                 raise invalid("time range")
             return Condition(keyword, "range", (low_bounds[0], high_bounds[1]))
-        bounds = _time_bounds(value)
+        bounds = time_bounds(value)
         if bounds is None:
             raise invalid("time")
         return Condition(keyword, "range", bounds)
@@ -488,14 +448,70 @@ def _check_partial_values(query: FindQuery, present: dict[str, list[str]]) -> No
 # --- responses ------------------------------------------------------------------------
 
 
+@dataclass
+class ResponseTemplate:
+    """What every pending identifier of one request shares, worked out once.
+
+    Elements in tag order as ``(tag, VR, value)``: Query/Retrieve Level and Retrieve
+    AE Title with their encoded values (digest D8), each returned key with its
+    keyword in place of the value, filled from each match.
+    """
+
+    query: FindQuery
+    implicit: bool
+    slots: list[tuple[int, str, bytes | str]]
+
+    @classmethod
+    def create(cls, query: FindQuery, retrieve_ae: str, implicit: bool) -> ResponseTemplate:
+        slots: list[tuple[int, str, bytes | str]] = [
+            (0x00080052, "CS", query.level.encode("ascii")),
+            (0x00080054, "AE", retrieve_ae.encode("ascii")),
+        ]
+        slots += [(key.tag, key.vr, key.keyword) for key in query.returned]
+        slots.sort(key=lambda slot: slot[0])
+        return cls(query, implicit, slots)
+
+    def encode(self, match: dict[str, str]) -> tuple[bytes, bool]:
+        """The pending identifier for one match, and whether a value had to be dropped.
+
+        Every requested supported key, zero-length when unknown; Specific Character
+        Set ISO_IR 100 when a value needs it (D9); Patient's Sex 'U' returned empty
+        (D13). The bytes are what pydicom writes for the same Dataset
+        (tests/test_find.py compares them).
+        """
+        dropped = False
+        wide = False
+        elements: list[tuple[int, str, bytes]] = []
+        for tag, vr, slot in self.slots:
+            if isinstance(slot, bytes):
+                elements.append((tag, vr, slot))
+                continue
+            value = match.get(slot, "")
+            if slot == "PatientSex" and value == "U":
+                value = ""
+            if value.isascii():
+                elements.append((tag, vr, value.encode("ascii")))
+                continue
+            try:
+                elements.append((tag, vr, value.encode(RESPONSE_ENCODING)))
+                wide = True
+            except UnicodeEncodeError:
+                elements.append((tag, vr, b""))
+                dropped = True
+        if wide:
+            elements.insert(0, (0x00080005, "CS", RESPONSE_CHARSET.encode("ascii")))
+        elif self.query.charset_requested:
+            elements.insert(0, (0x00080005, "CS", b""))
+        return encode_elements(elements, self.implicit), dropped
+
+
 def build_response(
     query: FindQuery, match: dict[str, str], retrieve_ae: str
 ) -> tuple[Dataset, bool]:
-    """The pending identifier for one match, and whether a value had to be dropped.
+    """The pending identifier for one match as a pydicom Dataset (the reference form).
 
-    Always Query/Retrieve Level and Retrieve AE Title (digest D8); every requested
-    supported key, zero-length when unknown; Specific Character Set ISO_IR 100 when
-    a value needs it (D9); Patient's Sex 'U' returned empty (D13).
+    :class:`ResponseTemplate` encodes the same thing straight to bytes for the SCP;
+    this is what those bytes are checked against.
     """
     ds = Dataset()
     dropped = False
@@ -532,7 +548,8 @@ def between_matches(is_cancelled: Callable[[], bool]) -> None:
     """
 
 
-FindResult = tuple[Dataset | int, Dataset | None]
+# Pending identifiers are encoded bytes: FindServiceClass (find_scp.py) sends them.
+FindResult = tuple[Dataset | int, bytes | None]
 
 
 def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResult]]:
@@ -581,6 +598,8 @@ def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResul
             )
             yield OUT_OF_RESOURCES.code, None
             return
+        syntax = event.context.transfer_syntax
+        template = ResponseTemplate.create(query, retrieve_ae, syntax == IMPLICIT_VR_LE)
         cancelled = CancelLatch(event)
         sent = 0
         for match in matches:
@@ -589,7 +608,7 @@ def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResul
                 yield CANCELLED.code, None
                 return
             try:
-                response, dropped = build_response(query, match, retrieve_ae)
+                response, dropped = template.encode(match)
             except Exception as exc:  # a stored value pydicom refuses: never crash the AE
                 log.error(
                     "c_find_handled",

@@ -12,10 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.charset import convert_encodings, decode_bytes, python_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import BaseTag
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import ScheduledStep
@@ -33,6 +32,14 @@ from servers.core.declaration import (
     StatusTable,
 )
 from servers.core.dimse import CancelLatch
+from servers.core.query_values import (
+    ESC,
+    TEXT_VRS,
+    CharsetError,
+    decode_text,
+    query_encodings,
+    time_bounds,
+)
 from servers.worklist.entries import alphabetic
 from servers.worklist.keys import (
     CONTROL_KEYS,
@@ -120,11 +127,6 @@ PENDING_UNSUPPORTED = C_FIND_STATUSES[0xFF01]
 
 LATIN_1 = "ISO_IR 100"
 UTF_8 = "ISO_IR 192"
-TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
-PN_DELIMITERS = {0x5C, 0x3D, 0x5E}
-TEXT_DELIMITERS = {0x5C}
-ESC = 0x1B
-TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
 TIME_MAX = "235959.999999"
 
 
@@ -218,25 +220,6 @@ class WorklistQuery:
 # --- decoding ---------------------------------------------------------------------------
 
 
-def _encodings(identifier: Dataset) -> list[str] | None:
-    element = identifier.get_item(Tag("SpecificCharacterSet"))
-    terms: list[str] = []
-    if element is not None and element.value is not None:
-        raw = element.value
-        if isinstance(raw, bytes):
-            text = raw.decode("ascii", errors="replace")
-        elif isinstance(raw, str):
-            text = raw
-        else:
-            text = "\\".join(str(v) for v in raw)
-        terms = [t.strip(" \0") for t in text.split("\\")]
-    if not terms or terms == [""]:
-        return [python_encoding[LATIN_1]]
-    if any(term and term not in python_encoding for term in terms):
-        return None
-    return convert_encodings(terms)
-
-
 def _text(element: DataElement | RawDataElement, vr: str, encodings: list[str] | None) -> str:
     """One element's value as text; "" for zero-length."""
     value = element.value
@@ -248,16 +231,16 @@ def _text(element: DataElement | RawDataElement, vr: str, encodings: list[str] |
             return value.decode("ascii").strip(" \0")
         if vr not in TEXT_VRS:
             raise FindError(IDENTIFIER_INVALID, "a value is not ASCII", (tag,))
-        if encodings is None:
-            raise FindError(
-                UNABLE_TO_PROCESS, "Specific Character Set not supported", (0x00080005,)
-            )
         try:
-            text = decode_bytes(value, encodings, PN_DELIMITERS if vr == "PN" else TEXT_DELIMITERS)
-        except (UnicodeError, LookupError):
-            text = "\ufffd"
-        if "\ufffd" in text:
-            raise FindError(UNABLE_TO_PROCESS, "value invalid in its character set", (tag,))
+            text = decode_text(value, vr, encodings)
+        except CharsetError as error:
+            if error.unsupported:
+                raise FindError(
+                    UNABLE_TO_PROCESS, "Specific Character Set not supported", (0x00080005,)
+                ) from None
+            raise FindError(
+                UNABLE_TO_PROCESS, "value invalid in its character set", (tag,)
+            ) from None
         return text.strip(" \0")
     if isinstance(value, str):
         return value.strip(" \0")
@@ -268,15 +251,11 @@ def _text(element: DataElement | RawDataElement, vr: str, encodings: list[str] |
 
 
 def _time_bounds(value: str) -> tuple[str, str] | None:
-    match = TIME_RE.fullmatch(value.replace(":", ""))
-    if not match:
+    """Legacy ``HH:MM:SS`` colons allowed; the low bound normalised as stored times are."""
+    bounds = time_bounds(value.replace(":", ""))
+    if bounds is None:
         return None
-    hh, mm, ss, frac = match.groups()
-    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
-        return None
-    low = normalize_time(hh + (mm or "00") + (ss or "00") + (f".{frac}" if frac else ""))
-    high = f"{hh}{mm}{ss}.{frac.ljust(6, '9')}" if frac else f"{hh}{mm or '59'}{ss or '59'}.999999"
-    return low, high
+    return normalize_time(bounds[0]), bounds[1]
 
 
 def _date_range(value: str, tag: int) -> tuple[str, str]:
@@ -359,7 +338,7 @@ def _match_key(query: WorklistQuery, key: Key, value: str) -> None:
 
 def parse_identifier(identifier: Dataset) -> WorklistQuery:
     """Validate the identifier against the model; raises :class:`FindError`."""
-    encodings = _encodings(identifier)
+    encodings = query_encodings(identifier)
     query = WorklistQuery()
     outside: list[int] = []
     for raw_tag in list(identifier.keys()):
