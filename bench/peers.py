@@ -308,10 +308,6 @@ def _start_dicomlab(peer: Peer, work: Path, dest_port: int) -> Running:
             # 32 concurrent associations is a workload; the default limit is 10.
             "DICOMLAB_AE__STORAGE_SCP__MAX_ASSOCIATIONS": "40",
             "DICOMLAB_AE__QUERY_SCP__MAX_ASSOCIATIONS": "40",
-            # The other listeners too, so a second dicomlab on this host does not collide.
-            "DICOMLAB_AE__RIS_SCP__PORT": str(free_port()),
-            "DICOMLAB_AE__PRINT_SCP__PORT": str(free_port()),
-            "DICOMLAB_SERVICES__WORKLIST__HL7_PORT": str(free_port()),
             f"DICOMLAB_REMOTE__{DEST_AE}__HOST": "127.0.0.1",
             f"DICOMLAB_REMOTE__{DEST_AE}__PORT": str(dest_port),
         }
