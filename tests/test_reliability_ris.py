@@ -1,0 +1,255 @@
+"""The RIS and the virtual printer under faults, as the archive in test_reliability.py.
+
+* Two ``dicomlab serve`` processes on one PostgreSQL database: racing N-SETs
+  COMPLETED / DISCONTINUED of one step give one Success and one 0110 (A710),
+  racing N-CREATEs of one SOP Instance UID one Success and one 0111, and the
+  final rows are consistent (one step, its state the winner's, one message per
+  accepted request). Storage Commitment on both processes for instances stored
+  through either commits them all.
+* PostgreSQL unreachable: MWL C-FIND C001, MPPS N-CREATE / N-SET 0110, print
+  N-ACTION 0110 (nothing queued); everything works again when it comes back.
+* A full disk while the printer renders: the job ends FAILURE (ELEC SW ERROR),
+  no temporary file is left, and the next job prints once space is freed.
+* ``kill -9`` during MPPS traffic and during printing: after a restart every
+  acknowledged step is there in the state last acknowledged, and a job the
+  killed process was printing ends FAILURE instead of blocking the queue.
+
+Figures are printed (``-s``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from sqlalchemy import func, select
+
+from db.engine import Database
+from db.models import (
+    CommitmentRequest,
+    CommitmentState,
+    PerformedStep,
+    PerformedStepMessage,
+    PpsState,
+)
+from servers.mpps import ERROR_ID_FINAL
+from tests.conftest import free_port
+from tests.helpers import CT, free_ports_env, make_image
+from tests.ris_helpers import MPPS, mpps_create, mpps_final
+from tests.test_cli import Server, clean_env
+from tests.test_commitment import Reports, request_ds, send_action
+from tests.test_deploy import with_transfer_syntax
+from tests.test_reliability import store_ae
+
+KEYS = ("storage_scp", "ris_scp", "print_scp")
+
+
+def serve(tmp_path: Path, db_url: str, data_dir: Path, name: str) -> tuple[Server, dict[str, int]]:
+    """``dicomlab serve`` in a subprocess; returns it with the ports of ``KEYS``."""
+    ports = {key: free_port() for key in KEYS}
+    given = {f"DICOMLAB_AE__{key.upper()}__PORT": str(port) for key, port in ports.items()}
+    workdir = tmp_path / f"cwd-{name}"
+    workdir.mkdir(exist_ok=True)
+    server = Server(
+        workdir,
+        clean_env(
+            DICOMLAB_HOST="127.0.0.1",
+            DICOMLAB_DATA_DIR=str(data_dir),
+            DICOMLAB_DATABASE_URL=db_url,
+            DICOMLAB_LOG_FORMAT="json",
+            DICOMLAB_LOG_LEVEL="warning",
+            **free_ports_env(given),
+            **given,
+        ),
+    )
+    server.wait_ready()
+    return server, ports
+
+
+def stop(*servers: Server) -> None:
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+            server.proc.wait(30)
+        server.stop()
+
+
+def mpps_assoc(port: int) -> Association:
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(MPPS)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMSRV")
+    assert assoc.is_established
+    return assoc
+
+
+def race(*calls: Callable[[], int]) -> list[int]:
+    """Run ``calls`` at the same moment (a barrier), each on its own thread."""
+    barrier = threading.Barrier(len(calls))
+    results: list[int] = [-1] * len(calls)
+
+    def run(n: int) -> None:
+        barrier.wait(30)
+        results[n] = calls[n]()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+# --- two processes, one PostgreSQL database -------------------------------------------------
+
+
+def race_one_step(
+    assoc_a: Association, assoc_b: Association, finals: tuple[str, str]
+) -> tuple[tuple[int, int], tuple[int, int], list[Dataset], dict[str, str]]:
+    """Racing N-CREATEs of one new step, then racing N-SETs of ``finals`` to it.
+
+    Returns both outcomes as (lower, higher) status pairs, the losing N-SET
+    responses and {uid: the final state that won}.
+    """
+    uid = generate_uid()
+    created = race(
+        lambda: int(assoc_a.send_n_create(mpps_create(), MPPS, uid)[0].Status),
+        lambda: int(assoc_b.send_n_create(mpps_create(), MPPS, uid)[0].Status),
+    )
+    responses: list[Dataset] = []
+    winner: dict[str, str] = {}
+
+    def n_set(assoc: Association, final: str) -> int:
+        status = assoc.send_n_set(mpps_final(final), MPPS, uid)[0]
+        responses.append(status)
+        if int(status.Status) == 0:
+            winner[uid] = final
+        return int(status.Status)
+
+    outcome = race(lambda: n_set(assoc_a, finals[0]), lambda: n_set(assoc_b, finals[1]))
+    losers = [s for s in responses if int(s.Status) != 0]
+    return (
+        (min(created), max(created)),
+        (min(outcome), max(outcome)),
+        losers,
+        winner,
+    )
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_two_processes_race_mpps_and_commit_without_lost_updates(
+    tmp_path: Path, db_url: str
+) -> None:
+    data_dir = tmp_path / "data"
+    first, ports_a = serve(tmp_path, db_url, data_dir, "a")
+    second, ports_b = serve(tmp_path, db_url, data_dir, "b")
+    rounds = 15
+    set_outcomes: dict[tuple[int, int], int] = {}
+    create_outcomes: dict[tuple[int, int], int] = {}
+    winners: dict[str, str] = {}
+    try:
+        assoc_a, assoc_b = mpps_assoc(ports_a["ris_scp"]), mpps_assoc(ports_b["ris_scp"])
+        for n in range(rounds):
+            finals = ("COMPLETED", "DISCONTINUED") if n % 2 else ("DISCONTINUED", "COMPLETED")
+            created, outcome, losers, winner = race_one_step(assoc_a, assoc_b, finals)
+            create_outcomes[created] = create_outcomes.get(created, 0) + 1
+            set_outcomes[outcome] = set_outcomes.get(outcome, 0) + 1
+            assert len(losers) == 1, f"round {n}: N-SET statuses {outcome} (a lost update)"
+            assert int(losers[0].Status) == 0x0110 and losers[0].ErrorID == ERROR_ID_FINAL
+            winners.update(winner)
+        assoc_a.release()
+        assoc_b.release()
+
+        # Storage Commitment on both processes, for instances stored through either.
+        uids: list[str] = []
+        for port in (ports_a["storage_scp"], ports_b["storage_scp"]):
+            with associate_store(port) as assoc:
+                for _ in range(5):
+                    ds = with_transfer_syntax(make_image(), ExplicitVRLittleEndian)
+                    assert assoc.send_c_store(ds).Status == 0x0000
+                    uids.append(ds.SOPInstanceUID)
+        reports = [Reports(), Reports()]
+        transactions = [generate_uid(), generate_uid()]
+
+        def commit(n: int, port: int) -> int:
+            assoc = store_ae().associate(
+                "127.0.0.1",
+                port,
+                ae_title="EX_STORE_SCP",
+                evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports[n].handle)],
+            )
+            status = send_action(assoc, request_ds(transactions[n], *((CT, u) for u in uids)))
+            reports[n].wait()
+            assoc.release()
+            return status
+
+        commit_statuses = race(
+            lambda: commit(0, ports_a["storage_scp"]), lambda: commit(1, ports_b["storage_scp"])
+        )
+        assert commit_statuses == [0x0000, 0x0000]
+        for report in reports:
+            event_type, ds, _ = report.received[0]
+            assert event_type == 1 and len(ds.ReferencedSOPSequence) == len(uids)
+    finally:
+        stop(first, second)
+
+    db = Database(db_url)
+    try:
+        with db.read() as session:
+            steps = session.scalars(select(PerformedStep)).all()
+            messages = {
+                step.sop_instance_uid: session.scalar(
+                    select(func.count())
+                    .select_from(PerformedStepMessage)
+                    .where(PerformedStepMessage.step_pk == step.id)
+                )
+                for step in steps
+            }
+            delivered = session.scalars(
+                select(CommitmentRequest.state).where(
+                    CommitmentRequest.transaction_uid.in_(transactions)
+                )
+            ).all()
+    finally:
+        db.dispose()
+    print(
+        f"\ntwo processes, {rounds} races each: N-CREATE outcomes "
+        f"{ {f'{a:04X}/{b:04X}': c for (a, b), c in create_outcomes.items()} }, "
+        f"N-SET COMPLETED vs DISCONTINUED outcomes "
+        f"{ {f'{a:04X}/{b:04X}': c for (a, b), c in set_outcomes.items()} }; "
+        f"{len(steps)} steps, {sum(int(m or 0) for m in messages.values())} messages stored; "
+        f"{len(uids)} instances committed by both processes: {[s.name for s in delivered]}"
+    )
+    assert create_outcomes == {(0x0000, 0x0111): rounds}
+    assert set_outcomes == {(0x0000, 0x0110): rounds}
+    assert len(steps) == rounds
+    for step in steps:
+        # The stored state is the winner's, and exactly the winning N-CREATE and N-SET
+        # were stored: the losers changed nothing.
+        assert step.state is PpsState(winners[step.sop_instance_uid])
+        assert step.dataset["00400252"]["Value"] == [winners[step.sop_instance_uid]]
+        assert messages[step.sop_instance_uid] == 2
+    assert sorted(s.name for s in delivered) == [CommitmentState.DELIVERED.name] * 2
+
+
+class associate_store:
+    """A storage association to a subprocess' STORAGE-SCP port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __enter__(self) -> Association:
+        self.assoc = store_ae().associate("127.0.0.1", self.port, ae_title="EX_STORE_SCP")
+        assert self.assoc.is_established
+        return self.assoc
+
+    def __exit__(self, *_: object) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
