@@ -30,6 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 from db.engine import Database
 from db.models import (
@@ -38,15 +39,21 @@ from db.models import (
     PerformedStep,
     PerformedStepMessage,
     PpsState,
+    PrintJob,
+    PrintJobState,
 )
+from db.queries import mpps as mpps_q
+from servers.core.runtime import Suite
 from servers.mpps import ERROR_ID_FINAL
+from servers.print import tables as p
 from tests.conftest import free_port
-from tests.helpers import CT, free_ports_env, make_image
-from tests.ris_helpers import MPPS, mpps_create, mpps_final
+from tests.helpers import CT, associate, free_ports_env, make_image
+from tests.print_helpers import Scu, image_box_set, image_item, print_scu, wait_job
+from tests.ris_helpers import MPPS, MWL, add_entry, mpps_create, mpps_final, mwl_identifier
 from tests.test_cli import Server, clean_env
 from tests.test_commitment import Reports, request_ds, send_action
 from tests.test_deploy import with_transfer_syntax
-from tests.test_reliability import store_ae
+from tests.test_reliability import CuttableProxy, store_ae
 
 KEYS = ("storage_scp", "ris_scp", "print_scp")
 
@@ -253,3 +260,110 @@ class associate_store:
     def __exit__(self, *_: object) -> None:
         if self.assoc.is_established:
             self.assoc.release()
+
+
+# --- database unavailable ---------------------------------------------------------------------
+
+
+def print_film(scu: Scu) -> tuple[int, str | None]:
+    """One film: session, 1x1 film box, an image, Film Box N-ACTION; (status, job UID)."""
+    session = scu.session()
+    status, attrs, film_box = scu.film_box(session)
+    assert status.Status == 0x0000, hex(status.Status)
+    box = attrs.ReferencedImageBoxSequence[0].ReferencedSOPInstanceUID
+    image = image_item(64, 64, [n % 256 for n in range(64 * 64)])
+    assert scu.set(p.IMAGE_BOX, box, image_box_set(1, image))[0].Status == 0x0000
+    status, reply = scu.action(p.FILM_BOX, film_box)
+    if status.Status != 0x0000:
+        return int(status.Status), None
+    return 0, str(reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPInstanceUID)
+
+
+def ris_and_print_statuses(suite: Suite, step: str) -> dict[str, list[int]]:
+    """What each RIS and print operation answers now."""
+    got: dict[str, list[int]] = {}
+    with associate(suite, "ris_scp", [MWL, MPPS]) as assoc:
+        got["MWL C-FIND"] = [
+            int(s.Status) for s, _ in assoc.send_c_find(mwl_identifier(PatientID="PAT001"), MWL)
+        ]
+        got["MPPS N-CREATE"] = [
+            int(assoc.send_n_create(mpps_create(), MPPS, generate_uid())[0].Status)
+        ]
+        got["MPPS N-SET"] = [int(assoc.send_n_set(mpps_final(), MPPS, step)[0].Status)]
+    with print_scu(suite, contexts=(p.META, p.PRINT_JOB)) as scu:
+        got["Printer N-GET"] = [int(scu.get(p.PRINTER, p.PRINTER_INSTANCE)[0].Status)]
+        status, _ = scu.create(p.FILM_SESSION, film_session_ds(), str(generate_uid()))
+        got["Film Session N-CREATE"] = [int(status.Status)]
+    return got
+
+
+def hexed(statuses: dict[str, list[int]]) -> str:
+    return "; ".join(f"{k} {' '.join(f'{c:04X}' for c in v)}" for k, v in statuses.items())
+
+
+def film_session_ds() -> Dataset:
+    ds = Dataset()
+    ds.NumberOfCopies = 1
+    return ds
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_database_unavailable_ris_and_print_give_documented_statuses_then_recover(
+    make_suite: Callable[..., Suite], db_url: str
+) -> None:
+    url = make_url(db_url)
+    proxy = CuttableProxy((url.host or "127.0.0.1", url.port or 5432))
+    try:
+        suite = make_suite(
+            {
+                "database_url": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+                    hide_password=False
+                )
+            }
+        )
+        add_entry(suite)
+        step = generate_uid()
+        with associate(suite, "ris_scp", [MPPS]) as assoc:
+            assert assoc.send_n_create(mpps_create(), MPPS, step)[0].Status == 0x0000
+        with print_scu(suite, contexts=(p.META, p.PRINT_JOB)) as scu:
+            # The print association is open before the cut: its film session lives in memory.
+            session = scu.session()
+            status, attrs, film_box = scu.film_box(session)
+            box = attrs.ReferencedImageBoxSequence[0].ReferencedSOPInstanceUID
+            image = image_item(64, 64, [n % 256 for n in range(64 * 64)])
+            assert scu.set(p.IMAGE_BOX, box, image_box_set(1, image))[0].Status == 0x0000
+
+            proxy.cut()
+            action = int(scu.action(p.FILM_BOX, film_box)[0].Status)
+            cut = ris_and_print_statuses(suite, step)
+            cut["Film Box N-ACTION"] = [action]
+            proxy.restore()
+            status, reply = scu.action(p.FILM_BOX, film_box)
+            assert status.Status == 0x0000
+            job_uid = str(
+                reply.ReferencedPrintJobSequencePullStoredPrint[0].ReferencedSOPInstanceUID
+            )
+        print(f"\ndatabase cut: {hexed(cut)}")
+        with suite.db.read() as session_:
+            assert mpps_q.get_step(session_, step).state is PpsState.IN_PROGRESS  # type: ignore[union-attr]
+            assert session_.scalar(select(func.count()).select_from(PrintJob)) == 1
+        back = ris_and_print_statuses(suite, step)
+        print(f"database back: {hexed(back)}; the print job queued after it printed")
+        assert wait_job(suite, job_uid).state is PrintJobState.DONE
+    finally:
+        proxy.close()
+    assert cut == {
+        "MWL C-FIND": [0xC001],
+        "MPPS N-CREATE": [0x0110],
+        "MPPS N-SET": [0x0110],
+        "Printer N-GET": [0x0110],
+        "Film Session N-CREATE": [0x0110],
+        "Film Box N-ACTION": [0x0110],
+    }
+    assert back["MWL C-FIND"] == [0xFF00, 0x0000]
+    assert {k: v for k, v in back.items() if k != "MWL C-FIND"} == {
+        "MPPS N-CREATE": [0x0000],
+        "MPPS N-SET": [0x0000],
+        "Printer N-GET": [0x0000],
+        "Film Session N-CREATE": [0x0000],
+    }
