@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -239,3 +240,32 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     else:
         print(header, *lines, sep="\n")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- a small file system: a real ENOSPC (tests/test_reliability*.py) ------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a real ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    tool = shutil.which("mount")
+    result = (
+        subprocess.run(
+            [tool, "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if tool and os.geteuid() == 0
+        else None
+    )
+    require(
+        result is not None and result.returncode == 0,
+        f"cannot mount a small tmpfs (needs root): {result.stderr if result else 'not root'}",
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)

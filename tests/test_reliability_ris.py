@@ -19,10 +19,15 @@ Figures are printed (``-s``).
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -43,6 +48,7 @@ from db.models import (
     PrintJobState,
 )
 from db.queries import mpps as mpps_q
+from db.queries import print as print_q
 from servers.core.runtime import Suite
 from servers.mpps import ERROR_ID_FINAL
 from servers.print import tables as p
@@ -367,3 +373,172 @@ def test_database_unavailable_ris_and_print_give_documented_statuses_then_recove
         "Printer N-GET": [0x0000],
         "Film Session N-CREATE": [0x0000],
     }
+
+
+# --- disk full while the printer renders -------------------------------------------------------
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_disk_full_while_rendering_fails_the_job_keeps_nothing_and_recovers(
+    small_fs: Path, make_suite: Callable[..., Suite]
+) -> None:
+    suite = make_suite({"data_dir": str(small_fs)})  # the index stays outside, on tmp_path
+    films = small_fs / "films"
+    filler = small_fs / "filler"
+    free = shutil.disk_usage(small_fs).free
+    filler.write_bytes(bytes(max(free - 40 * 1024, 0)))  # the films fit, the PDF does not
+    with print_scu(suite, contexts=(p.META, p.PRINT_JOB)) as scu:
+        status, job_uid = print_film(scu)
+        assert status == 0x0000 and job_uid is not None  # queued: rendering comes after
+        failed = wait_job(suite, job_uid)
+        event = scu.wait_event(lambda e: e[0] == 4 and e[1] == p.PRINT_JOB)
+    assert (failed.state, failed.status_info) == (PrintJobState.FAILURE, "ELEC SW ERROR")
+    assert event[2] is not None and event[2].ExecutionStatusInfo == "ELEC SW ERROR"
+    left = [f for f in films.rglob("*") if f.is_file()] if films.exists() else []
+    assert left == [], f"files of the failed job left behind: {left}"
+    assert failed.films == []
+
+    filler.unlink()
+    with print_scu(suite, contexts=(p.META, p.PRINT_JOB)) as scu:
+        status, job_uid = print_film(scu)
+        assert status == 0x0000 and job_uid is not None
+        done = wait_job(suite, job_uid)
+    assert done.state is PrintJobState.DONE
+    written = sorted(f.name for f in films.rglob("*") if f.is_file())
+    assert written == ["film-01-density.png", "film-01.json", "film-01.png", "job.pdf"]
+    print(
+        f"\ndisk full while rendering: job FAILURE (ELEC SW ERROR), Failure event sent, "
+        f"0 files left; space freed: next job DONE with {len(written)} files"
+    )
+
+
+# --- kill -9 during MPPS traffic and printing ---------------------------------------------------
+
+
+def subprocess_print_scu(port: int) -> Scu:
+    events: list[tuple[int, str, Dataset | None]] = []
+
+    def on_event(event: Any) -> tuple[int, None]:
+        events.append((int(event.event_type), str(event.request.AffectedSOPClassUID), None))
+        return 0x0000, None
+
+    ae = AE(ae_title="PRINT_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for cx in (p.META, p.PRINT_JOB):
+        ae.add_requested_context(cx)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="PRINT_SCP", evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_event)]
+    )
+    assert assoc.is_established
+    return Scu(assoc, events)
+
+
+def set_printer(db_url: str, status: str, info: str) -> None:
+    db = Database(db_url)
+    try:
+        with db.write() as session:
+            print_q.set_printer_state(session, status, info)
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_kill_9_during_mpps_and_printing_leaves_consistent_state(
+    tmp_path: Path, db_url: str
+) -> None:
+    data_dir = tmp_path / "data"
+    server, ports = serve(tmp_path, db_url, data_dir, "a")
+    # The printer is down: queued jobs wait PENDING, so some are unfinished at the kill.
+    set_printer(db_url, "FAILURE", "PRINTER DOWN")
+    queued: list[str] = []
+    for _ in range(3):
+        scu = subprocess_print_scu(ports["print_scp"])
+        status, job_uid = print_film(scu)
+        assert status == 0x0000 and job_uid is not None
+        queued.append(job_uid)
+        scu.assoc.release()
+
+    acknowledged: dict[str, str] = {}  # uid -> the state the last Success acknowledged
+    sent: list[str] = []
+
+    def modality() -> None:
+        try:
+            assoc = mpps_assoc(ports["ris_scp"])
+            while assoc.is_established:
+                uid = generate_uid()
+                sent.append(uid)
+                if assoc.send_n_create(mpps_create(), MPPS, uid)[0].Status == 0x0000:
+                    acknowledged[uid] = "IN PROGRESS"
+                final = "COMPLETED" if len(sent) % 2 else "DISCONTINUED"
+                if assoc.send_n_set(mpps_final(final), MPPS, uid)[0].Status == 0x0000:
+                    acknowledged[uid] = final
+        except Exception:  # the server vanished under the request
+            pass
+
+    client = threading.Thread(target=modality)
+    client.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 30 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    client.join(30)
+    server.stop()
+    assert len(acknowledged) >= 30
+
+    restarted, ports = serve(tmp_path, db_url, data_dir, "b")
+    try:
+        db = Database(db_url)
+        try:
+            with db.read() as session:
+                steps = {s.sop_instance_uid: s for s in session.scalars(select(PerformedStep))}
+                messages = {
+                    uid: session.scalar(
+                        select(func.count())
+                        .select_from(PerformedStepMessage)
+                        .where(PerformedStepMessage.step_pk == step.id)
+                    )
+                    for uid, step in steps.items()
+                }
+                jobs = {
+                    j.job_uid: (j.state, j.status_info) for j in session.scalars(select(PrintJob))
+                }
+        finally:
+            db.dispose()
+        # The queue is not blocked: with the printer back, a new job prints.
+        set_printer(db_url, "NORMAL", "NORMAL")
+        scu = subprocess_print_scu(ports["print_scp"])
+        status, job_uid = print_film(scu)
+        assert status == 0x0000 and job_uid is not None
+        scu.wait_event(lambda e: e[0] in (3, 4))
+        scu.assoc.release()
+        db = Database(db_url)
+        try:
+            with db.read() as session:
+                after = session.scalar(select(PrintJob.state).where(PrintJob.job_uid == job_uid))
+        finally:
+            db.dispose()
+    finally:
+        stop(restarted)
+
+    lost = [uid for uid in acknowledged if uid not in steps]
+    regressed = [
+        uid
+        for uid, state in acknowledged.items()
+        if uid in steps and state != "IN PROGRESS" and steps[uid].state.value != state
+    ]
+    in_flight = len(sent) - len(acknowledged)
+    print(
+        f"\nkill -9 ({make_url(db_url).get_backend_name()}): {len(acknowledged)} MPPS steps "
+        f"acknowledged, all present in their acknowledged state (stored: "
+        f"{dict(Counter(s.state.value for s in steps.values()))}); {in_flight} N-CREATE in "
+        "flight; "
+        f"{len(queued)} queued print jobs after restart: "
+        f"{sorted({f'{s.value} ({i})' for s, i in jobs.values()})}; a new job {after.value}"
+    )
+    assert lost == [] and regressed == []
+    for uid, step in steps.items():
+        # Every stored step is whole: its state and its stored messages agree.
+        assert messages[uid] == (1 if step.state is PpsState.IN_PROGRESS else 2), uid
+    assert {jobs[uid] for uid in queued} == {(PrintJobState.FAILURE, "PRINTER DOWN")}
+    assert after is PrintJobState.DONE
