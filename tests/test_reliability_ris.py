@@ -8,6 +8,7 @@
   through either commits them all.
 * PostgreSQL unreachable: MWL C-FIND C001, MPPS N-CREATE / N-SET 0110, print
   N-ACTION 0110 (nothing queued); everything works again when it comes back.
+* A job in progress waits while the database is unavailable, then prints.
 * A full disk while the printer renders: the job ends FAILURE (ELEC SW ERROR),
   no temporary file is left, and the next job prints once space is freed.
 * ``kill -9`` during MPPS traffic and during printing: after a restart every
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -298,6 +300,7 @@ def ris_and_print_statuses(suite: Suite, step: str) -> dict[str, list[int]]:
         got["MPPS N-SET"] = [int(assoc.send_n_set(mpps_final(), MPPS, step)[0].Status)]
     with print_scu(suite, contexts=(p.META, p.PRINT_JOB)) as scu:
         got["Printer N-GET"] = [int(scu.get(p.PRINTER, p.PRINTER_INSTANCE)[0].Status)]
+        got["Print Job N-GET"] = [int(scu.get(p.PRINT_JOB, str(generate_uid()))[0].Status)]
         status, _ = scu.create(p.FILM_SESSION, film_session_ds(), str(generate_uid()))
         got["Film Session N-CREATE"] = [int(status.Status)]
     return got
@@ -363,6 +366,7 @@ def test_database_unavailable_ris_and_print_give_documented_statuses_then_recove
         "MPPS N-CREATE": [0x0110],
         "MPPS N-SET": [0x0110],
         "Printer N-GET": [0x0110],
+        "Print Job N-GET": [0x0110],
         "Film Session N-CREATE": [0x0110],
         "Film Box N-ACTION": [0x0110],
     }
@@ -371,6 +375,7 @@ def test_database_unavailable_ris_and_print_give_documented_statuses_then_recove
         "MPPS N-CREATE": [0x0000],
         "MPPS N-SET": [0x0000],
         "Printer N-GET": [0x0000],
+        "Print Job N-GET": [0x0112],  # a UID no job has
         "Film Session N-CREATE": [0x0000],
     }
 
@@ -542,3 +547,50 @@ def test_kill_9_during_mpps_and_printing_leaves_consistent_state(
         assert messages[uid] == (1 if step.state is PpsState.IN_PROGRESS else 2), uid
     assert {jobs[uid] for uid in queued} == {(PrintJobState.FAILURE, "PRINTER DOWN")}
     assert after is PrintJobState.DONE
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_job_in_progress_waits_while_the_database_is_down(
+    make_suite: Callable[..., Suite], db_url: str
+) -> None:
+    """The printer is down, so the job re-reads its status every 0.2 s; the database goes
+    away under it, comes back, the printer too: the job prints instead of dying."""
+    url = make_url(db_url)
+    proxy = CuttableProxy((url.host or "127.0.0.1", url.port or 5432))
+    try:
+        suite = make_suite(
+            {
+                "database_url": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+                    hide_password=False
+                ),
+                "services": {"print": {"retry_delay_s": 0.2, "retry_count": 10000}},
+            }
+        )
+        with suite.db.write() as session:
+            print_q.set_printer_state(session, "FAILURE", "PRINTER DOWN")
+        with (
+            structlog.testing.capture_logs() as logged,
+            print_scu(suite, contexts=(p.META, p.PRINT_JOB)) as scu,
+        ):
+            status, job_uid = print_film(scu)
+            assert status == 0x0000 and job_uid is not None
+            scu.wait_event(lambda e: e[0] == 1 and e[1] == p.PRINT_JOB)  # PENDING
+            proxy.cut()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                e["event"] == "print_database_unavailable" for e in logged
+            ):
+                time.sleep(0.05)
+            proxy.restore()
+            with suite.db.write() as session:
+                print_q.set_printer_state(session, "NORMAL", "NORMAL")
+            job = wait_job(suite, job_uid)
+    finally:
+        proxy.close()
+    waits = sum(e["event"] == "print_database_unavailable" for e in logged)
+    print(
+        f"\ndatabase cut under a job: the print worker waited {waits} time(s) for the "
+        f"database, then the job ended {job.state.value}"
+    )
+    assert waits >= 1
+    assert job.state is PrintJobState.DONE

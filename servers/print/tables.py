@@ -118,7 +118,8 @@ def database_failure(condition: str) -> StatusRow:
         FAILURE,
         "Processing Failure",
         f"The print database cannot be read or written ({condition}); Error Comment is "
-        f'"{DATABASE_COMMENT}". It is answered again as soon as the database is back.',
+        f'"{DATABASE_COMMENT}". The operation works again as soon as the database is back, '
+        "without a restart.",
     )
 
 
