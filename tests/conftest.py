@@ -8,6 +8,7 @@ instead of skipping.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from sqlalchemy import create_engine, text
 
 from servers.core import config as config_mod
 from servers.core import logs
+from servers.core.declaration import StartupError
 from servers.core.runtime import UNDECLARED, Suite
 
 IN_CI = bool(os.environ.get("CI"))
@@ -90,24 +92,37 @@ def make_suite(tmp_path: Path, db_url: str) -> Iterator[SuiteFactory]:
     started: list[Suite] = []
 
     def factory(overrides: dict[str, Any] | None = None, extra_plugins: tuple = ()) -> Suite:
-        raw: dict[str, Any] = {
-            "data_dir": str(tmp_path / f"data{len(started)}"),
-            "database_url": db_url,
-            "host": "127.0.0.1",
-            # Every listening AE of the embedded default, and the HL7 listener, on a free port.
-            "ae": {
-                key: {"port": free_port()}
-                for key, ae in config_mod.DEFAULTS["ae"].items()
-                if int(ae.get("port", 0)) > 0
-            },
-            # Test orders are scheduled in the past: no expiry unless a test asks for it.
-            "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
-        }
-        config = config_mod.load(path=None, environ={}, overrides=_deep_merge(raw, overrides or {}))
-        suite = Suite.create(config, extra_plugins=extra_plugins)
-        suite.start()
-        started.append(suite)
-        return suite
+        # A port free_port() found free can be taken before the suite binds it (it is in
+        # the ephemeral range, where every outgoing connection on the machine draws its
+        # local port): then start again on fresh ports, a bounded number of times.
+        for attempt in range(3):
+            raw: dict[str, Any] = {
+                "data_dir": str(tmp_path / f"data{len(started)}"),
+                "database_url": db_url,
+                "host": "127.0.0.1",
+                # Every listening AE of the embedded default, and the HL7 listener, on a
+                # free port.
+                "ae": {
+                    key: {"port": free_port()}
+                    for key, ae in config_mod.DEFAULTS["ae"].items()
+                    if int(ae.get("port", 0)) > 0
+                },
+                # Test orders are scheduled in the past: no expiry unless a test asks for it.
+                "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
+            }
+            config = config_mod.load(
+                path=None, environ={}, overrides=_deep_merge(raw, copy.deepcopy(overrides or {}))
+            )
+            suite = Suite.create(config, extra_plugins=extra_plugins)
+            try:
+                suite.start()
+            except StartupError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            started.append(suite)
+            return suite
+        raise AssertionError("unreachable")
 
     undeclared_before = len(UNDECLARED)
     yield factory
