@@ -8,9 +8,11 @@ instead of skipping.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from sqlalchemy import create_engine, text
 
 from servers.core import config as config_mod
 from servers.core import logs
+from servers.core.declaration import StartupError
 from servers.core.runtime import UNDECLARED, Suite
 
 IN_CI = bool(os.environ.get("CI"))
@@ -89,24 +92,37 @@ def make_suite(tmp_path: Path, db_url: str) -> Iterator[SuiteFactory]:
     started: list[Suite] = []
 
     def factory(overrides: dict[str, Any] | None = None, extra_plugins: tuple = ()) -> Suite:
-        raw: dict[str, Any] = {
-            "data_dir": str(tmp_path / f"data{len(started)}"),
-            "database_url": db_url,
-            "host": "127.0.0.1",
-            # Every listening AE of the embedded default, and the HL7 listener, on a free port.
-            "ae": {
-                key: {"port": free_port()}
-                for key, ae in config_mod.DEFAULTS["ae"].items()
-                if int(ae.get("port", 0)) > 0
-            },
-            # Test orders are scheduled in the past: no expiry unless a test asks for it.
-            "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
-        }
-        config = config_mod.load(path=None, environ={}, overrides=_deep_merge(raw, overrides or {}))
-        suite = Suite.create(config, extra_plugins=extra_plugins)
-        suite.start()
-        started.append(suite)
-        return suite
+        # A port free_port() found free can be taken before the suite binds it (it is in
+        # the ephemeral range, where every outgoing connection on the machine draws its
+        # local port): then start again on fresh ports, a bounded number of times.
+        for attempt in range(3):
+            raw: dict[str, Any] = {
+                "data_dir": str(tmp_path / f"data{len(started)}"),
+                "database_url": db_url,
+                "host": "127.0.0.1",
+                # Every listening AE of the embedded default, and the HL7 listener, on a
+                # free port.
+                "ae": {
+                    key: {"port": free_port()}
+                    for key, ae in config_mod.DEFAULTS["ae"].items()
+                    if int(ae.get("port", 0)) > 0
+                },
+                # Test orders are scheduled in the past: no expiry unless a test asks for it.
+                "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
+            }
+            config = config_mod.load(
+                path=None, environ={}, overrides=_deep_merge(raw, copy.deepcopy(overrides or {}))
+            )
+            suite = Suite.create(config, extra_plugins=extra_plugins)
+            try:
+                suite.start()
+            except StartupError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            started.append(suite)
+            return suite
+        raise AssertionError("unreachable")
 
     undeclared_before = len(UNDECLARED)
     yield factory
@@ -239,3 +255,32 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     else:
         print(header, *lines, sep="\n")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- a small file system: a real ENOSPC (tests/test_reliability*.py) ------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a real ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    tool = shutil.which("mount")
+    result = (
+        subprocess.run(
+            [tool, "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if tool and os.geteuid() == 0
+        else None
+    )
+    require(
+        result is not None and result.returncode == 0,
+        f"cannot mount a small tmpfs (needs root): {result.stderr if result else 'not root'}",
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)

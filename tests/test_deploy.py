@@ -35,7 +35,7 @@ from pynetdicom import AE
 from servers.core import config as config_mod
 from servers.core import systemd
 from tests.conftest import free_port, require
-from tests.helpers import CT, make_image
+from tests.helpers import CT, free_ports_env, make_image
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "dicomlab.service"
@@ -254,6 +254,11 @@ def test_hardened_service_starts_notifies_serves_and_stops(sandbox: Path) -> Non
         env[key] = value
     env["NOTIFY_SOCKET"] = str(notify.path)
     env["WATCHDOG_USEC"] = "1000000"  # WatchdogSec=1s: a ping every 0.5 s
+    # The AEs the example leaves on their default ports (RIS, print, HL7) get free ones:
+    # a suite left running on this machine must not make the service fail to bind.
+    env.update(
+        free_ports_env({f"DICOMLAB_AE__{k}__PORT": "" for k in ("STORAGE_SCP", "QUERY_SCP")})
+    )
 
     mdwe = (
         "import ctypes, os, sys\n"

@@ -19,17 +19,25 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_FIND, N_CREATE, N_SET
 from sqlalchemy import func, select
 
 from db.models import Instance
+from db.queries import mpps as mpps_q
 from servers.core.network import REJECT_LIMIT, REJECTION_ROWS
 from servers.core.runtime import Suite
+from servers.print import tables as p
 from tests.helpers import CT, associate, make_image
+from tests.ris_helpers import MPPS, MWL, mpps_create, mpps_final, mwl_identifier
 from tests.test_association import (
     associate_rq,
     echo_ok,
@@ -94,11 +102,11 @@ def send_case(port: int, payload: bytes) -> str:
         return outcome(sock)
 
 
-def pdu_corpus(title: str, rng: random.Random) -> list[tuple[str, bytes]]:
+def pdu_corpus(title: str, rng: random.Random, abstract: str = CT) -> list[tuple[str, bytes]]:
     request = associate_rq(
         title,
         contexts=presentation_context(1, VERIFICATION, [ImplicitVRLittleEndian])
-        + presentation_context(3, CT, [ExplicitVRLittleEndian]),
+        + presentation_context(3, abstract, [ExplicitVRLittleEndian]),
     )
     cases: list[tuple[str, bytes]] = []
     for _ in range(40):
@@ -133,10 +141,17 @@ def pdu_corpus(title: str, rng: random.Random) -> list[tuple[str, bytes]]:
 
 
 def dataset_corpus(rng: random.Random) -> list[tuple[str, bytes]]:
-    image = make_image(rows=8, columns=8)
-    valid = encoded(image, implicit=False)
+    return mutations(encoded(make_image(rows=8, columns=8), implicit=False), rng)
+
+
+def mutations(valid: bytes, rng: random.Random, scale: float = 1.0) -> list[tuple[str, bytes]]:
+    """Malformed versions of ``valid`` (an explicit VR little endian data set)."""
+
+    def times(n: int) -> range:
+        return range(max(1, round(n * scale)))
+
     cases: list[tuple[str, bytes]] = []
-    for _ in range(30):
+    for _ in times(30):
         cases.append(("truncated data set", valid[: rng.randrange(1, len(valid))]))
     # Element headers: group(2) element(2) VR(2) length(2) in explicit VR little endian.
     headers = []
@@ -146,19 +161,21 @@ def dataset_corpus(rng: random.Random) -> list[tuple[str, bytes]]:
         if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"OF", b"UC", b"UR"):
             length = struct.unpack_from("<I", valid, i + 8)[0]
             headers.append((i, True))
+            if length == 0xFFFFFFFF:  # undefined length: mutate the top level only
+                break
             i += 12 + length
         else:
             length = struct.unpack_from("<H", valid, i + 6)[0]
             headers.append((i, False))
             i += 8 + length
-    for _ in range(40):
+    for _ in times(40):
         data = bytearray(valid)
         at, _long = rng.choice(headers)
         data[at + 4 : at + 6] = bytes(
             rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ?!\x00") for _ in range(2)
         )
         cases.append(("bad VR", bytes(data)))
-    for _ in range(40):
+    for _ in times(40):
         data = bytearray(valid)
         at, long = rng.choice(headers)
         if long:
@@ -168,11 +185,11 @@ def dataset_corpus(rng: random.Random) -> list[tuple[str, bytes]]:
         else:
             struct.pack_into("<H", data, at + 6, rng.choice([1, 3, 0xFFFF, rng.randrange(1 << 16)]))
         cases.append(("wrong element length", bytes(data)))
-    for _ in range(10):
+    for _ in times(10):
         # An undefined-length sequence that is never closed.
         open_sequence = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
         cases.append(("unclosed sequence", valid + open_sequence + b"\xfe\xff\x00\xe0" + bytes(4)))
-    for _ in range(30):
+    for _ in times(30):
         cases.append(
             ("random bytes", bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))))
         )
@@ -246,6 +263,153 @@ def test_fuzz_corpus_every_case_documented_and_server_keeps_serving(
         indexed = session.scalar(select(func.count()).select_from(Instance)) or 0
     files = [p for p in suite.config.storage_dir.rglob("*") if p.is_file()]
     assert len(files) == indexed == statuses[0x0000] + statuses[0xB000]
+
+
+# --- the RIS (DICOMSRV) and the printer (PRINT_SCP) -----------------------------------------
+
+
+def send_raw_request(assoc: Association, abstract: str, req: Any) -> list[int]:
+    """Send ``req`` (its data set already bytes) on ``abstract``'s context; every status
+    answered until the final one, or [-1] when the association ended under it."""
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == abstract)
+    assert context.context_id is not None
+    statuses: list[int] = []
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, context.context_id)
+        while len(statuses) < 1000:
+            _, rsp = assoc.dimse.get_msg(block=True)
+            if rsp is None:
+                return [*statuses, -1]
+            statuses.append(int(rsp.Status))
+            if statuses[-1] not in (0xFF00, 0xFF01):
+                return statuses
+    except Exception:  # the association went away under the request
+        return [*statuses, -1]
+    finally:
+        assoc._reactor_checkpoint.set()
+    return statuses
+
+
+def ris_print_requests(rng: random.Random) -> list[tuple[str, str, str, Callable[[bytes], Any]]]:
+    """(AE key, abstract syntax, label, request factory) per malformed data set."""
+    cases: list[tuple[str, str, str, Callable[[bytes], Any]]] = []
+
+    def c_find(data: bytes) -> Any:
+        req = C_FIND()
+        req.MessageID, req.AffectedSOPClassUID, req.Priority = 3, MWL, 2
+        req.Identifier = BytesIO(data)
+        return req
+
+    def n_create(cls: str) -> Callable[[bytes], Any]:
+        def make(data: bytes) -> Any:
+            req = N_CREATE()
+            req.MessageID, req.AffectedSOPClassUID = 4, cls
+            req.AffectedSOPInstanceUID = generate_uid()
+            req.AttributeList = BytesIO(data)
+            return req
+
+        return make
+
+    def n_set(cls: str, uid: str) -> Callable[[bytes], Any]:
+        def make(data: bytes) -> Any:
+            req = N_SET()
+            req.MessageID, req.RequestedSOPClassUID, req.RequestedSOPInstanceUID = 5, cls, uid
+            req.ModificationList = BytesIO(data)
+            return req
+
+        return make
+
+    session = Dataset()
+    session.NumberOfCopies = 1
+    session.FilmSessionLabel = "FUZZ"
+    session.MediumType = "BLUE FILM"
+    plut = Dataset()
+    plut.PresentationLUTShape = "IDENTITY"
+    sources: list[tuple[str, str, str, Dataset, Callable[[bytes], Any]]] = [
+        ("ris_scp", MWL, "MWL C-FIND", mwl_identifier(PatientID="PAT*"), c_find),
+        ("ris_scp", MPPS, "MPPS N-CREATE", mpps_create(), n_create(MPPS)),
+        ("ris_scp", MPPS, "MPPS N-SET", mpps_final(), n_set(MPPS, FUZZ_STEP)),
+        ("print_scp", p.META, "Film Session N-CREATE", session, n_create(p.FILM_SESSION)),
+        ("print_scp", p.PLUT, "Presentation LUT N-CREATE", plut, n_create(p.PLUT)),
+    ]
+    for key, abstract, label, ds, make in sources:
+        for kind, data in mutations(encoded(ds, implicit=False), rng, scale=0.5):
+            cases.append((key, abstract, f"{label} {kind}", partial_request(make, data)))
+    rng.shuffle(cases)
+    return cases
+
+
+def partial_request(make: Callable[[bytes], Any], data: bytes) -> Callable[[bytes], Any]:
+    return lambda _unused: make(data)
+
+
+FUZZ_STEP = "1.2.826.0.1.3680043.10.511.77.1"
+RIS_PRINT_CONTEXTS = {
+    "ris_scp": [(MWL, [ExplicitVRLittleEndian]), (MPPS, [ExplicitVRLittleEndian])],
+    "print_scp": [(p.META, [ExplicitVRLittleEndian]), (p.PLUT, [ExplicitVRLittleEndian])],
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+def test_fuzz_corpus_against_the_ris_and_the_printer(make_suite: Callable[..., Suite]) -> None:
+    """The archive's corpus, aimed at DICOMSRV (MWL, MPPS) and PRINT_SCP (print management):
+    every case ends in a status the statements list (the fixture checks each), an
+    A-ASSOCIATE-RJ of the table, an abort or a close, and both keep serving."""
+    suite = make_suite({"ae": {"ris_scp": TIMEOUTS, "print_scp": TIMEOUTS}})
+    rng = random.Random(SEED + 1)
+    with associate(suite, "ris_scp", [MPPS]) as assoc:  # an IN PROGRESS step for the N-SETs
+        assert assoc.send_n_create(mpps_create(), MPPS, FUZZ_STEP)[0].Status == 0x0000
+    for key in RIS_PRINT_CONTEXTS:
+        assert echo_ok(suite, key)
+    threads_start = threading.active_count()
+    rss_start = vm_rss_kib()
+    started = time.monotonic()
+    results: Counter[str] = Counter()
+    pdu_total = 0
+    for key, abstract in (("ris_scp", MWL), ("print_scp", p.META)):
+        title = suite.config.ae(key).title
+        cases = pdu_corpus(title, rng, abstract)[::2]  # half the archive's PDU corpus per AE
+        pdu_total += len(cases)
+        for n, (kind, payload) in enumerate(cases, start=1):
+            result = send_case(suite.port_of(key), payload)
+            results[f"{title} PDU {kind}: {result}"] += 1
+            assert not result.startswith(("UNDOCUMENTED", "UNEXPECTED", "timeout")), (kind, result)
+            if n % 50 == 0:
+                assert echo_ok(suite, key), f"{title}: no C-ECHO after {n} PDU cases"
+    requests = ris_print_requests(rng)
+    for key in RIS_PRINT_CONTEXTS:
+        remaining = [case for case in requests if case[0] == key]
+        while remaining:
+            with associate(suite, key, RIS_PRINT_CONTEXTS[key]) as assoc:
+                while remaining and assoc.is_established:
+                    _key, abstract, label, make = remaining.pop(0)
+                    statuses = send_raw_request(assoc, abstract, make(b""))
+                    final = statuses[-1]
+                    answer = f"0x{final:04X}" if final >= 0 else "aborted"
+                    results[f"{label}: {answer}"] += 1
+    rss_end = vm_rss_kib()
+    for key in RIS_PRINT_CONTEXTS:
+        assert echo_ok(suite, key)
+    total = pdu_total + len(requests)
+    print(
+        f"\nfuzz RIS and print: {total} cases ({pdu_total} PDU, {len(requests)} data set) "
+        f"in {time.monotonic() - started:.1f} s"
+    )
+    for label, count in sorted(results.items()):
+        print(f"  {count:4d}  {label}")
+    print(f"VmRSS: {rss_start} KiB at start, {rss_end} KiB at end (+{rss_end - rss_start} KiB)")
+    assert total >= 350
+    assert rss_end - rss_start < 64 * 1024, "resident memory grew by more than 64 MiB"
+    assert wait_for(lambda: threading.active_count() <= threads_start, timeout=15), (
+        f"{threading.active_count()} threads, {threads_start} before the corpus"
+    )
+    # The step the N-SETs aimed at is still consistent: IN PROGRESS or final, never torn.
+    with suite.db.read() as session:
+        step = mpps_q.get_step(session, FUZZ_STEP)
+        assert step is not None and step.state.value in ("IN PROGRESS", "COMPLETED", "DISCONTINUED")
 
 
 # --- slow loris and flood -------------------------------------------------------------------

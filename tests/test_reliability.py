@@ -22,10 +22,9 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ from db.engine import Database
 from db.models import CommitmentRequest, CommitmentState, Instance, Patient, Series, Study
 from servers.core.runtime import Suite
 from storage.filestore import TMP_SUFFIX, FileStore
-from tests.conftest import free_port, require
+from tests.conftest import free_port
 from tests.helpers import CT, associate, free_ports_env, make_image
 from tests.test_cli import Server, clean_env
 from tests.test_commitment import COMMITMENT, Reports, ref, request_ds, send_action
@@ -163,32 +162,6 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path, db_url: st
 
 
 # --- disk full -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a real ENOSPC."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    tool = shutil.which("mount")
-    result = (
-        subprocess.run(
-            [tool, "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if tool and os.geteuid() == 0
-        else None
-    )
-    require(
-        result is not None and result.returncode == 0,
-        f"cannot mount a small tmpfs (needs root): {result.stderr if result else 'not root'}",
-    )
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -8,6 +8,7 @@ client certificate of its own.
 from __future__ import annotations
 
 import contextlib
+import select
 import shutil
 import socket
 import ssl
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.association import Association
 
+from db.models import CommitmentState
 from servers.core import config as config_mod
 from servers.core import tls
 from servers.core.declaration import StartupError
@@ -30,6 +33,14 @@ from servers.core.runtime import Suite
 from servers.core.statement import render
 from tests.conftest import free_port, require
 from tests.helpers import CT, make_image
+from tests.test_commitment import (
+    COMMITMENT,
+    Reports,
+    commitment_assoc,
+    final_state,
+    request_ds,
+    send_action,
+)
 from tests.test_deploy import with_transfer_syntax
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -45,18 +56,20 @@ class Pki:
     client_key: Path
     rogue_cert: Path
     rogue_key: Path
+    elsewhere_cert: Path  # the right CA, but issued to another host
+    elsewhere_key: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def _issue(d: Path, name: str, ca: str, cn: str) -> None:
+def _issue(d: Path, name: str, ca: str, cn: str, san: str = "IP:127.0.0.1,DNS:localhost") -> None:
     _openssl(
         "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
         "-subj", f"/CN={cn}", cwd=d,
     )  # fmt: skip
-    (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
     _openssl(
         "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
         "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=d,
@@ -75,6 +88,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _issue(d, "server", "ca", "EX_STORE_SCP")
     _issue(d, "client", "ca", "TLS_SCU")
     _issue(d, "rogue", "rogue-ca", "ROGUE")
+    _issue(d, "elsewhere", "ca", "EX_STORE_SCP", san="DNS:elsewhere.example,IP:192.0.2.7")
     return Pki(
         ca=d / "ca.crt",
         server_cert=d / "server.crt",
@@ -83,6 +97,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         client_key=d / "client.key",
         rogue_cert=d / "rogue.crt",
         rogue_key=d / "rogue.key",
+        elsewhere_cert=d / "elsewhere.crt",
+        elsewhere_key=d / "elsewhere.key",
     )
 
 
@@ -224,6 +240,51 @@ def test_a_stalled_handshake_does_not_block_other_peers(tls_suite: Suite, pki: P
             sock.close()
 
 
+def client_hello(pki: Pki) -> bytes:
+    """A real TLS ClientHello, as the first flight a client sends."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_context(pki).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_a_trickled_handshake_is_cut_at_the_acse_timeout(
+    make_suite: Callable[..., Suite], pki: Pki
+) -> None:
+    """Bytes every 0.25 s keep each read inside network_timeout (2 s); acse_timeout
+    (3 s) bounds the whole handshake, long before the ClientHello is complete."""
+    suite = make_suite(
+        {"ae": {"storage_scp": tls_settings(pki, network_timeout=2, acse_timeout=3)}}
+    )
+    hello = client_hello(pki)
+    sent = 0
+    closed = False
+    with (
+        structlog.testing.capture_logs() as logged,
+        socket.create_connection(("127.0.0.1", suite.port_of("storage_scp")), timeout=10) as sock,
+    ):
+        # Bounded: 120 bytes take 30 s, ten times the deadline.
+        while sent < min(len(hello), 120) and not closed:
+            try:
+                sock.sendall(hello[sent : sent + 1])
+            except OSError:
+                closed = True
+                break
+            sent += 1
+            readable, _, _ = select.select([sock], [], [], 0.25)
+            if readable:  # the server sends nothing before the whole ClientHello: a close
+                with contextlib.suppress(OSError):
+                    closed = sock.recv(1) == b""
+                closed = True
+        # Meanwhile, and after, a well-formed peer is served.
+        assert echo_over_tls(suite, client_context(pki))
+    print(f"\ntrickled handshake: closed after {sent} of {len(hello)} ClientHello bytes")
+    assert closed and sent < len(hello)
+    failed = [e for e in logged if e["event"] == "tls_handshake_failed"]
+    assert failed and "within 3 s" in failed[0]["reason"], failed
+
+
 def test_the_other_ae_stays_plain(tls_suite: Suite) -> None:
     ae = AE(ae_title="PLAIN")
     ae.add_requested_context(VERIFICATION)
@@ -236,12 +297,12 @@ def test_the_other_ae_stays_plain(tls_suite: Suite) -> None:
 # --- requestors: C-MOVE sub-operations to a TLS destination ---------------------------
 
 
-@pytest.fixture
-def tls_destination(pki: Pki) -> Iterator[tuple[int, list[str]]]:
-    """A pynetdicom Storage SCP speaking TLS with the test CA's server certificate."""
+@contextlib.contextmanager
+def tls_store_scp(cert: Path, key: Path, ca: Path) -> Iterator[tuple[int, list[str]]]:
+    """A pynetdicom Storage SCP speaking TLS with ``cert``, requiring a client certificate."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.server_cert, pki.server_key)
-    context.load_verify_locations(cafile=pki.ca)
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(cafile=ca)
     context.verify_mode = ssl.CERT_REQUIRED
     received: list[str] = []
 
@@ -263,14 +324,22 @@ def tls_destination(pki: Pki) -> Iterator[tuple[int, list[str]]]:
         ssl_context=context,
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
-    yield port, received
-    server.shutdown()
+    try:
+        yield port, received
+    finally:
+        server.shutdown()
 
 
-def test_c_move_sub_operations_use_tls_to_a_tls_remote(
-    make_suite: Callable[..., Suite], pki: Pki, tls_destination: tuple[int, list[str]]
-) -> None:
-    port, received = tls_destination
+@pytest.fixture
+def tls_destination(pki: Pki) -> Iterator[tuple[int, list[str]]]:
+    with tls_store_scp(pki.server_cert, pki.server_key, pki.ca) as destination:
+        yield destination
+
+
+def move_to_tls_dest(
+    make_suite: Callable[..., Suite], pki: Pki, port: int
+) -> tuple[str, list[int]]:
+    """Store one image, C-MOVE it to TLS_DEST at ``port``: its UID and the C-MOVE statuses."""
     suite = make_suite(
         {
             "ae": {
@@ -296,9 +365,81 @@ def test_c_move_sub_operations_use_tls_to_a_tls_remote(
     assoc = ae.associate("127.0.0.1", suite.port_of("query_scp"), ae_title="EX_QUERY_SCP")
     statuses = [int(s.Status) for s, _ in assoc.send_c_move(query, "TLS_DEST", STUDY_ROOT_MOVE)]
     assoc.release()
+    return str(image.SOPInstanceUID), statuses
+
+
+def test_c_move_sub_operations_use_tls_to_a_tls_remote(
+    make_suite: Callable[..., Suite], pki: Pki, tls_destination: tuple[int, list[str]]
+) -> None:
+    port, received = tls_destination
+    uid, statuses = move_to_tls_dest(make_suite, pki, port)
     assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
     # The destination saw our client certificate: the sub-association was TLS.
-    assert received == [f"{image.SOPInstanceUID} from TLS_SCU"]
+    assert received == [f"{uid} from TLS_SCU"]
+
+
+def test_c_move_refuses_a_destination_certificate_for_another_host(
+    make_suite: Callable[..., Suite], pki: Pki
+) -> None:
+    """The CA is trusted but the certificate names elsewhere.example, not 127.0.0.1."""
+    with (
+        tls_store_scp(pki.elsewhere_cert, pki.elsewhere_key, pki.ca) as (port, received),
+        structlog.testing.capture_logs() as logged,
+    ):
+        _uid, statuses = move_to_tls_dest(make_suite, pki, port)
+    assert received == []
+    assert statuses[-1] == 0xA702, [hex(s) for s in statuses]
+    refused = [e for e in logged if e["event"] == "tls_connect_failed"]
+    assert refused and refused[0]["server_hostname"] == "127.0.0.1"
+    assert "IP address mismatch" in refused[0]["reason"], refused[0]
+
+
+def test_commitment_report_refuses_a_peer_certificate_for_another_host(
+    make_suite: Callable[..., Suite], pki: Pki
+) -> None:
+    """The report is never sent to the wrong host: attempts run out, the transaction FAILED."""
+    reports = Reports()
+    listener_ae = AE(ae_title="TEST_SCU")
+    listener_ae.add_supported_context(
+        COMMITMENT, [ImplicitVRLittleEndian, ExplicitVRLittleEndian], scu_role=False, scp_role=True
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.elsewhere_cert, pki.elsewhere_key)
+    port = free_port()
+    server = listener_ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=context,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handle)],
+    )
+    try:
+        suite = make_suite(
+            {
+                "ae": {"storage_scp": {"tls_ca": str(pki.ca)}},
+                "remote": {"TEST_SCU": {"host": "127.0.0.1", "port": port, "tls": True}},
+                "services": {
+                    "storage_commitment": {
+                        "always_new_association": True,
+                        "max_attempts": 2,
+                        "retry_interval": 0.2,
+                    }
+                },
+            }
+        )
+        tuid = generate_uid()
+        with (
+            structlog.testing.capture_logs() as logged,
+            commitment_assoc(suite) as assoc,
+        ):
+            assert send_action(assoc, request_ds(tuid, (CT, generate_uid()))) == 0x0000
+            request = final_state(suite, tuid)
+    finally:
+        server.shutdown()
+        listener_ae.shutdown()
+    assert (request.state, request.attempts) == (CommitmentState.FAILED, 2)
+    assert reports.received == []
+    refused = [e for e in logged if e["event"] == "tls_connect_failed"]
+    assert len(refused) == 2 and all("IP address mismatch" in e["reason"] for e in refused)
 
 
 def test_requestor_without_tls_remote_stays_plain(make_suite: Callable[..., Suite]) -> None:
@@ -347,6 +488,8 @@ def test_statement_security_section_names_the_profile(pki: Pki) -> None:
     assert tls.PROFILE in section
     assert "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" in section
     assert "| EX_STORE_SCP | TLS" in section
+    assert "complete within the AE's `acse_timeout`" in section
+    assert "must also name the remote's configured `host`" in section
     plain = render(config_mod.load(environ={}), "archive")
     assert "No AE uses TLS" in plain[plain.index("## 7 Security") :]
 

@@ -14,10 +14,20 @@ from sqlalchemy.orm import Session
 from db.models import MppsException, PerformedStep, PerformedStepMessage, PpsState, utcnow
 
 
-def get_step(session: Session, sop_instance_uid: str) -> PerformedStep | None:
-    return session.scalar(
-        select(PerformedStep).where(PerformedStep.sop_instance_uid == sop_instance_uid)
-    )
+def get_step(
+    session: Session, sop_instance_uid: str, *, for_update: bool = False
+) -> PerformedStep | None:
+    """The step, row-locked until the transaction ends when ``for_update``.
+
+    Two processes on one PostgreSQL database may get N-SETs for the same step at
+    once; under READ COMMITTED both would read IN PROGRESS and both succeed, the
+    second overwriting the first. The lock makes the second wait and then read
+    the first's final state. (SQLite writers are serialised by BEGIN IMMEDIATE.)
+    """
+    query = select(PerformedStep).where(PerformedStep.sop_instance_uid == sop_instance_uid)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalar(query)
 
 
 def create_step(

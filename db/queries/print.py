@@ -52,6 +52,14 @@ def set_job_state(
     return job
 
 
+def fail_unfinished(session: Session, info: str) -> list[str]:
+    """End every PENDING or PRINTING job FAILURE with ``info``; their Print Job IDs."""
+    jobs = session.scalars(select(PrintJob).where(PrintJob.state.in_(UNFINISHED))).all()
+    for job in jobs:
+        set_job_state(session, job.id, PrintJobState.FAILURE, info)
+    return [job.job_number for job in jobs]
+
+
 def add_film(session: Session, job_pk: int, film: PrintFilm) -> None:
     film.job_pk = job_pk
     session.add(film)

@@ -23,8 +23,9 @@ What it changes, and why:
   protocol version without bit 0 is rejected (1, 2, 2) through the same path,
   so both are logged like every other rejection.
 * DICOM TLS (``servers.core.tls``): an AE with a certificate accepts TLS only;
-  the handshake runs on the connection's own thread under the network
-  timeout, so a peer that stalls it never holds up the accept loop. An AE
+  the handshake runs on the connection's own thread and must finish within
+  ``acse_timeout`` (each read under the network timeout), so a peer that
+  stalls or trickles it never holds up the accept loop or a thread for long. An AE
   initiating to a remote with ``tls = true`` uses TLS (:meth:`DicomlabAE.associate`).
 * User Identity negotiation (``servers.core.identity``) per the AE's policy.
 * DIMSE requests are dispatched to the service class a plugin declared for the
@@ -575,10 +576,10 @@ class DicomlabRequestHandler(RequestHandler):
         """Finish the TLS handshake (if any) on this connection's thread, then associate."""
         sock = self.request
         if isinstance(sock, ssl.SSLSocket):
+            ae = cast(DicomlabAE, self.ae)
             try:
-                sock.do_handshake()
+                tls.handshake(sock, ae.config.acse_timeout, ae.config.network_timeout)
             except (ssl.SSLError, OSError) as exc:
-                ae = cast(DicomlabAE, self.ae)
                 host, port = self.client_address[:2]
                 tls_log = assoc_logger_for_connection(ae, f"{host}:{port}")
                 tls_log.warning("tls_handshake_failed", reason=f"{type(exc).__name__}: {exc}"[:300])

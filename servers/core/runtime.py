@@ -38,6 +38,21 @@ EVENT_OPERATIONS: dict[Any, str] = {
     evt.EVT_N_EVENT_REPORT: "N-EVENT-REPORT",
 }
 
+# What pynetdicom's service classes answer when a handler raises (its "unable to
+# process" / "processing failure" defaults). A service must declare it, or not raise.
+HANDLER_EXCEPTION_STATUS: dict[str, int] = {
+    "C-STORE": 0xC211,
+    "C-FIND": 0xC311,
+    "C-GET": 0xC411,
+    "C-MOVE": 0xC511,
+    "N-ACTION": 0x0110,
+    "N-CREATE": 0x0110,
+    "N-SET": 0x0110,
+    "N-GET": 0x0110,
+    "N-DELETE": 0x0110,
+    "N-EVENT-REPORT": 0x0110,
+}
+
 
 def _status_code(result: Any) -> int | None:
     status = result[0] if isinstance(result, tuple) else result
@@ -90,7 +105,12 @@ def _router(event_type: Any, routes: dict[str, _Route]) -> Callable[..., Any]:
         if route is None:
             log.error("no_handler", operation=operation, sop_class=event.context.abstract_syntax)
             return 0xC000 if operation != "C-ECHO" else 0x0000
-        result = route.handler(event)
+        try:
+            result = route.handler(event)
+        except Exception:
+            # pynetdicom turns the exception into a status of its own: count it too.
+            check_status(route.declaration, operation, HANDLER_EXCEPTION_STATUS.get(operation), log)
+            raise
         if isinstance(result, GeneratorType) or inspect.isgenerator(result):
             return _checked_generator(result, route.declaration, operation, log)
         check_status(route.declaration, operation, _status_code(result), log)
@@ -102,10 +122,16 @@ def _router(event_type: Any, routes: dict[str, _Route]) -> Callable[..., Any]:
 def _checked_generator(
     gen: Iterator[Any], declaration: ServiceDeclaration, operation: str, log: Any
 ) -> Iterator[Any]:
-    for item in gen:
-        if isinstance(item, tuple) and len(item) == 2:
-            check_status(declaration, operation, _status_code(item), log)
-        yield item
+    try:
+        for item in gen:
+            if isinstance(item, tuple) and len(item) == 2:
+                check_status(declaration, operation, _status_code(item), log)
+            yield item
+    except GeneratorExit:
+        raise
+    except Exception:
+        check_status(declaration, operation, HANDLER_EXCEPTION_STATUS.get(operation), log)
+        raise
 
 
 @dataclass

@@ -929,10 +929,16 @@ def _security(doc: _Doc, config: Config, aes: list[_AE]) -> None:
             + " (RFC 7525 4.2); TLS 1.3 uses "
             + ", ".join(tls.TLS13_CIPHER_NAMES)
             + ". No TLS compression and no renegotiation. The peer's certificate must chain "
-            "to the AE's `tls_ca`; host names are not checked (peers are identified by AE "
-            "title and configured address). A peer that fails the handshake never reaches "
-            "association negotiation: the connection is closed and `tls_handshake_failed` "
-            "is logged. No audit trail messages are sent."
+            "to the AE's `tls_ca`. An accepting AE does not check the requestor's host name "
+            "(requestors are identified by AE title and the IP allow-list); when an AE "
+            "initiates (C-MOVE sub-operations, Storage Commitment reports), the remote's "
+            "certificate must also name the remote's configured `host` (a DNS name or IP "
+            "address subject alternative name), else the connection is closed and "
+            "`tls_connect_failed` is logged with the reason. The handshake of an accepted "
+            "connection must be complete within the AE's `acse_timeout`, each read waiting at "
+            "most `network_timeout`. A peer that fails or overruns the handshake never "
+            "reaches association negotiation: the connection is closed and "
+            "`tls_handshake_failed` is logged. No audit trail messages are sent."
         )
     doc.table(
         "Transport security in effect",

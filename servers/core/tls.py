@@ -9,18 +9,28 @@ profile as implemented:
   them (all AEAD). No compression, no renegotiation.
 * The peer's certificate must chain to ``tls_ca``. An acceptor asks for a
   client certificate and, with ``tls_require_client_cert`` (the default),
-  refuses a peer without one. Host names are not checked: DICOM peers are
-  identified by AE title and their configured address, and a certificate need
-  not name an IP address.
+  refuses a peer without one.
+* As requestor (C-MOVE sub-operations, Storage Commitment reports), the
+  remote's certificate must also name the remote's configured ``host`` (a DNS
+  name or an IP address in its subject alternative names): a certificate the
+  CA issued to another machine is refused, and the refusal is logged
+  (``tls_connect_failed``) with OpenSSL's reason.
+* As acceptor, the whole handshake must finish within ``acse_timeout`` of the
+  connection, each read waiting at most ``network_timeout``: a peer trickling
+  handshake bytes cannot hold a thread longer (:func:`handshake`).
 """
 
 from __future__ import annotations
 
+import selectors
 import ssl
+import time
 from pathlib import Path
+from typing import Any
 
 from servers.core.config import AEConfig
 from servers.core.declaration import StartupError
+from servers.core.logs import get_logger
 
 PROFILE = "BCP 195 TLS Secure Transport Connection Profile (PS3.15 B.9)"
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -89,6 +99,71 @@ def client_context(ae: AEConfig) -> ssl.SSLContext:
             f"[ae.{ae.key}] initiates TLS but has no tls_ca to check the peer's certificate"
         )
     context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    context.check_hostname = False
+    # pynetdicom wraps the socket with server_hostname = the remote's configured host.
+    context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
+    context.sslsocket_class = _LoggedClientSocket
     return _load(context, ae)
+
+
+class _LoggedClientSocket(ssl.SSLSocket):
+    """An initiating TLS socket that logs why a handshake failed.
+
+    pynetdicom reports only that the association could not be opened; the log
+    line says which remote refused which check (a wrong host name, an unknown CA).
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "verify_message", None) or f"{type(exc).__name__}: {exc}"
+            try:
+                peer = "{}:{}".format(*self.getpeername()[:2])
+            except OSError:
+                peer = "?"
+            get_logger(peer=peer).warning(
+                "tls_connect_failed", server_hostname=self.server_hostname, reason=reason[:300]
+            )
+            raise
+
+
+class HandshakeTimeout(OSError):
+    """The peer did not finish the TLS handshake within the deadline."""
+
+
+def handshake(sock: ssl.SSLSocket, deadline_s: float, gap_s: float | None) -> None:
+    """Complete the server side of ``sock``'s handshake within ``deadline_s`` seconds.
+
+    A blocking ``do_handshake`` bounds only each read (the socket's timeout), so a
+    peer sending a byte just inside it could hold the thread for the length of its
+    ClientHello times the network timeout. Here the socket is driven non-blocking
+    and every wait is bounded by what is left of ``deadline_s`` (and by ``gap_s``,
+    the network timeout between packets). The socket's timeout is restored.
+    """
+    deadline = time.monotonic() + deadline_s
+    previous = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        with selectors.DefaultSelector() as selector:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    events: Any = selectors.EVENT_READ
+                except ssl.SSLWantWriteError:
+                    events = selectors.EVENT_WRITE
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HandshakeTimeout(f"handshake not complete within {deadline_s:g} s")
+                wait = min(left, gap_s) if gap_s else left
+                selector.register(sock, events)
+                ready = selector.select(wait)
+                selector.unregister(sock)
+                if not ready:
+                    if time.monotonic() >= deadline:
+                        raise HandshakeTimeout(f"handshake not complete within {deadline_s:g} s")
+                    raise HandshakeTimeout(f"no handshake data for {wait:g} s")
+    finally:
+        sock.settimeout(previous)

@@ -19,7 +19,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from db.models import PerformedStep, PpsState, utcnow
 from db.queries import mpps as q
@@ -220,6 +220,14 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _exists(ctx: ServiceContext, uid: str) -> bool:
+    try:
+        with ctx.db.read() as session:
+            return q.get_step(session, uid) is not None
+    except SQLAlchemyError:
+        return False
+
+
 def _json(ds: Dataset) -> dict[str, Any]:
     return ds.to_json_dict()
 
@@ -345,6 +353,16 @@ def make_handlers(ctx: ServiceContext) -> Mapping[Any, Callable[..., Any]]:
                 "n_create_handled", status=f"0x{error.row.code:04X}", uid=uid, reason=error.comment
             )
             return error.status(), None
+        except IntegrityError as exc:
+            # Another process created the same step between our check and our insert:
+            # the unique SOP Instance UID refused the second row.
+            if _exists(ctx, uid):
+                log.warning("n_create_handled", status="0x0111", uid=uid, reason="concurrent")
+                return MppsError(
+                    N_CREATE_STATUSES[0x0111], "SOP Instance already exists"
+                ).status(), None
+            log.error("n_create_handled", status="0x0110", uid=uid, reason=type(exc).__name__)
+            return MppsError(N_CREATE_STATUSES[0x0110], "internal error: database").status(), None
         except SQLAlchemyError as exc:
             log.error("n_create_handled", status="0x0110", uid=uid, reason=type(exc).__name__)
             return MppsError(N_CREATE_STATUSES[0x0110], "internal error: database").status(), None
@@ -368,7 +386,7 @@ def make_handlers(ctx: ServiceContext) -> Mapping[Any, Callable[..., Any]]:
         uid = str(event.request.RequestedSOPInstanceUID or "")
         try:
             with ctx.db.write() as session:
-                step = q.get_step(session, uid)
+                step = q.get_step(session, uid, for_update=True)
                 if step is None:
                     raise MppsError(N_SET_STATUSES[0x0112], "no such SOP Instance")
                 if step.state is not PpsState.IN_PROGRESS:

@@ -19,6 +19,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, generate_uid
 from pynetdicom import evt
+from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import PrintJob, PrintJobState
 from db.queries import print as q
@@ -229,9 +230,21 @@ class PrintServer:
 
     # --- dispatch -------------------------------------------------------------------------
 
-    def dispatch(self, table: StatusTable, fn: Callable[[], Any]) -> Any:
+    def dispatch(self, table: StatusTable, fn: Callable[[], Any], assoc: Any = None) -> Any:
         try:
-            return fn()
+            try:
+                return fn()
+            except SQLAlchemyError as exc:
+                if 0x0110 not in table:
+                    raise
+                if assoc is not None:
+                    logs.assoc_logger(assoc).error(
+                        "print_database_unavailable",
+                        operation=table.operation,
+                        status="0x0110",
+                        reason=type(exc).__name__,
+                    )
+                raise Answer(table[0x0110], t.DATABASE_COMMENT) from exc
         except Answer as answer:
             status = Dataset()
             status.Status = answer.row.code
@@ -281,7 +294,7 @@ class PrintServer:
                 return self._create_plut(st, ds, uid, requested, table)
             raise Answer(table[0x0118], f"N-CREATE not supported for {cls}")
 
-        return self.dispatch(table, run)
+        return self.dispatch(table, run, event.assoc)
 
     def _new_uid(self, table: StatusTable, requested: Any) -> str:
         if requested is None:
@@ -625,7 +638,7 @@ class PrintServer:
                 return self._set_annotation(st, ds, uid, table)
             raise Answer(table[0x0112], "No such object instance")
 
-        return self.dispatch(table, run)
+        return self.dispatch(table, run, event.assoc)
 
     def _set_film_session(self, st: AssocState, ds: Dataset, uid: str, table: StatusTable) -> Any:
         if st.session is None or st.session.uid != uid:
@@ -891,7 +904,7 @@ class PrintServer:
                 return table[0x0000].code
             raise Answer(table[0x0112], "No such object instance")
 
-        return self.dispatch(table, run)
+        return self.dispatch(table, run, event.assoc)
 
     # --- N-GET ------------------------------------------------------------------------------
 
@@ -912,7 +925,7 @@ class PrintServer:
                     return self._get_answer(table, ds, requested)
             raise Answer(table[0x0112], "No such object instance")
 
-        return self.dispatch(table, run)
+        return self.dispatch(table, run, event.assoc)
 
     @staticmethod
     def _get_answer(table: StatusTable, ds: Dataset, requested: list[int]) -> Any:
@@ -1079,7 +1092,7 @@ class PrintServer:
             reply.ReferencedPrintJobSequencePullStoredPrint = [ref]
             return ((warning or table[0x0000]).code, reply)
 
-        return self.dispatch(table, run)
+        return self.dispatch(table, run, event.assoc)
 
     def film_spec(self, st: AssocState, box: FilmBox) -> r.FilmSpec:
         size, orientation = self._film_geometry(box)

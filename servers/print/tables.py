@@ -89,15 +89,37 @@ def row(code: int, category: str, meaning: str, condition: str) -> StatusRow:
     return StatusRow(code, category, meaning, condition)
 
 
-def undecodable(what: str) -> StatusRow:
-    """0110 for a request data set that cannot be decoded (N-CREATE and N-SET)."""
+DATABASE_COMMENT = "Print database unavailable"
+
+
+def undecodable(what: str, database: str = "") -> StatusRow:
+    """0110 for a request data set that cannot be decoded (N-CREATE and N-SET), and for a
+    database failure where the operation reads the database (``database`` says what for)."""
+    also = (
+        f" Also sent when the print database cannot be read ({database}): Error Comment "
+        f'is "{DATABASE_COMMENT}" and nothing was {what}.'
+        if database
+        else ""
+    )
     return row(
         0x0110,
         FAILURE,
         "Processing Failure",
         "The request's data set cannot be decoded in the negotiated transfer syntax (for "
         "example a sequence or item that is never closed, or a value whose length does not "
-        "fit its VR); Error Comment says so and nothing was " + what + ".",
+        "fit its VR); Error Comment says so and nothing was " + what + "." + also,
+    )
+
+
+def database_failure(condition: str) -> StatusRow:
+    """0110 for an operation that needs the print database while it is unavailable."""
+    return row(
+        0x0110,
+        FAILURE,
+        "Processing Failure",
+        f"The print database cannot be read or written ({condition}); Error Comment is "
+        f'"{DATABASE_COMMENT}". The operation works again as soon as the database is back, '
+        "without a restart.",
     )
 
 
@@ -193,7 +215,7 @@ META_N_CREATE = StatusTable(
             "The Affected SOP Class UID on the Meta SOP class context is neither Basic Film "
             "Session nor Basic Film Box (Image Boxes and the Printer are created by the SCP).",
         ),
-        undecodable("created"),
+        undecodable("created", "the check that a requested SOP Instance UID is not in use"),
     ],
 )
 
@@ -390,6 +412,7 @@ META_N_ACTION = StatusTable(
             "A Film Session N-ACTION on a session with more film boxes than the maximum "
             "number of collated films; nothing is queued.",
         ),
+        database_failure("counting the queue or recording the Print Job; nothing is queued"),
     ],
 )
 
@@ -438,6 +461,7 @@ META_N_GET = StatusTable(
             "The Requested SOP Instance UID is not the Printer SOP Instance "
             "1.2.840.10008.5.1.1.17.",
         ),
+        database_failure("the printer status is kept there"),
     ],
 )
 
@@ -465,7 +489,7 @@ PLUT_N_CREATE = StatusTable(
             "Neither Presentation LUT Sequence nor Presentation LUT Shape was sent, or the "
             "sequence item lacks LUT Descriptor or LUT Data.",
         ),
-        undecodable("created"),
+        undecodable("created", "the check that a requested SOP Instance UID is not in use"),
     ],
 )
 
@@ -548,6 +572,7 @@ PRINT_JOB_N_GET = StatusTable(
             "No print job with that UID exists (never created, or deleted after its Done or "
             "Failure event was confirmed, or older than the retention time).",
         ),
+        database_failure("print jobs are kept there"),
     ],
 )
 
