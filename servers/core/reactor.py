@@ -241,10 +241,16 @@ class ReactorDUL(DULServiceProvider):
     def _has_work(self) -> bool:
         if self._kill_thread or self.to_provider_queue.queue or self.event_queue.queue:
             return True
-        # Sta13: pynetdicom reads what is left or closes the connection at once.
-        if self.state_machine.current_state == "Sta13" or self.artim_timer.expired:
+        if self.artim_timer.expired:
             return True
         sock = self._connected_socket()
+        if sock is None:
+            # Nothing to read. In Sta13 without a connection pynetdicom's close()
+            # queues nothing; the ARTIM timer (bounding the wait) ends that state.
+            return False
+        # Sta13: pynetdicom reads what is left or closes the connection at once.
+        if self.state_machine.current_state == "Sta13":
+            return True
         return isinstance(sock, ssl.SSLSocket) and bool(sock.pending())
 
     def _connected_socket(self) -> socket.socket | None:
@@ -295,6 +301,7 @@ class EventDrivenAssociation(Association):
 
     def _make_event_driven(self) -> None:
         self._wake = threading.Event()
+        self._serving = False
         # Before a socket is attached (it queues event 5 on the DUL's event queue).
         self.dul = self.dul_class(self)
         # The timers live on the DUL: set them again on the replacement.
@@ -308,6 +315,16 @@ class EventDrivenAssociation(Association):
 
     def wake_reactor(self) -> None:
         self._wake.set()
+
+    def is_parked(self) -> bool:
+        """True while the reactor waits at its checkpoint, between requests.
+
+        ``_is_paused`` is also true while a request is being served (pynetdicom sets
+        it so a handler on the reactor thread can use ``send_*``). Another thread
+        that paused the reactor to send a request of its own waits for this
+        instead, so its request never overtakes the response being sent.
+        """
+        return self._is_paused and not self._serving
 
     def _dul_ended(self) -> bool:
         # is_alive() stays true for a moment after the DUL's last wake-up.
@@ -334,7 +351,11 @@ class EventDrivenAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             busy = msg is not None
             if msg:
-                self._serve_request(msg, cast(int, context_id))
+                self._serving = True
+                try:
+                    self._serve_request(msg, cast(int, context_id))
+                finally:
+                    self._serving = False
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
