@@ -36,6 +36,11 @@ same order; only the waiting differs.
   (network) timer, so ``network_timeout`` still ends an idle association.
   ``kill()`` waits on the DUL's state changes instead of polling every 10 ms, and
   a blocking ``abort()`` no longer sleeps 0.1 s after the DUL has stopped.
+  A thread that pauses the reactor to send a request of its own
+  (``servers.core.dimse.send_event_report``) waits for
+  :meth:`EventDrivenAssociation.is_parked`: the reactor at its checkpoint, not
+  merely paused inside a request it is serving, so the request never overtakes
+  that request's response.
 
 How it maps onto pynetdicom: acceptor associations are
 :class:`servers.core.network.DicomlabAssociation` (a subclass), whose
