@@ -23,6 +23,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ
 from pynetdicom.dimse_primitives import C_ECHO
@@ -403,3 +404,17 @@ def test_pynetdicom_clients_keep_their_own_association_class(suite: Suite) -> No
 def test_adopt_refuses_a_started_association(suite: Suite) -> None:
     with associate(suite, "storage_scp", [VERIFICATION]) as assoc, pytest.raises(RuntimeError):
         reactor.adopt(assoc)
+
+
+def test_sta13_drops_a_local_primitive_from_the_provider_queue(suite: Suite) -> None:
+    # The ACSE's answer to a request the DUL already aborted (Sta13) is moot; left
+    # on the provider queue it would raise its event on every DUL loop.
+    assoc = DicomlabAssociation(suite.aes["storage_scp"].ae, MODE_ACCEPTOR)
+    machine = assoc.dul.state_machine
+    machine.current_state = "Sta13"
+    answer = A_ASSOCIATE()
+    answer.result = 0x00
+    assoc.dul.to_provider_queue.put(answer)
+    machine.do_action("Evt7")
+    assert assoc.dul.to_provider_queue.empty()
+    assert machine.current_state == "Sta13"
