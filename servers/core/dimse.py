@@ -95,7 +95,8 @@ def send_event_report(
     """Send an N-EVENT-REPORT from any thread; returns the peer's status or why none came.
 
     The association's reactor is held at its checkpoint while the exchange runs, as
-    pynetdicom's own ``send_*`` methods do, so it cannot take the response first.
+    pynetdicom's own ``send_*`` methods do, so it cannot take the response first;
+    from another thread, only once any request it is serving has been answered.
     """
     with _sender_lock(assoc):
         if not assoc.is_established:
@@ -115,7 +116,11 @@ def send_event_report(
         on_reactor_thread = threading.current_thread() is assoc
         if not on_reactor_thread:
             assoc._reactor_checkpoint.clear()
-            while not assoc._is_paused and assoc.is_established:
+            # Parked, not merely paused: while a request is being served _is_paused
+            # is true too, and this request would go out before that response (a
+            # print job's event before the N-ACTION-RSP that created the job).
+            parked = getattr(assoc, "is_parked", lambda: assoc._is_paused)
+            while not parked() and assoc.is_established:
                 time.sleep(0.0005)
         try:
             assoc.dimse.send_msg(request, cast(int, context.context_id))

@@ -28,6 +28,10 @@ What it changes, and why:
   stalls or trickles it never holds up the accept loop or a thread for long. An AE
   initiating to a remote with ``tls = true`` uses TLS (:meth:`DicomlabAE.associate`).
 * User Identity negotiation (``servers.core.identity``) per the AE's policy.
+* Event-driven reactors (``servers.core.reactor``) for every association our
+  AEs accept or open: the DUL and association threads wait in ``select()`` and
+  on an event instead of pynetdicom's 1 ms polling sleeps, which cost a C-ECHO
+  ~2.5 ms per round trip and a C-STORE about a quarter of its wall time.
 * DIMSE requests are dispatched to the service class a plugin declared for the
   SOP class, before pynetdicom's own table, so a service can replace
   pynetdicom's behaviour (C-MOVE, Storage Commitment) or add a SOP class.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import queue
 import socket
 import ssl
 import threading
@@ -52,7 +57,6 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
@@ -69,6 +73,7 @@ from pynetdicom.transport import (
 from servers.core import identity, tls
 from servers.core.config import AEConfig, RemoteAE
 from servers.core.logs import assoc_logger
+from servers.core.reactor import EventDrivenAssociation, ReactorDUL, adopt
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 
@@ -301,7 +306,8 @@ class DicomlabAE(ApplicationEntity):
     def _create_socket(  # type: ignore[override]
         self, assoc: Association, address: AddressInformation, tls_args: Any
     ) -> AssociationSocket:
-        sock = NoDelaySocket(assoc, address=address)
+        # pynetdicom's associate() built a plain Association; the socket attaches next.
+        sock = NoDelaySocket(adopt(assoc), address=address)
         sock.tls_args = tls_args
         return sock
 
@@ -334,16 +340,20 @@ class TolerantStateMachine(StateMachine):
     (Sta13, awaiting the close) while the ACSE is still deciding on the request; its
     answer (event 8) then has no transition and pynetdicom's DUL thread dies with
     ``InvalidEventError``. PS3.8 Table 9-10 gives Sta13 no local events: the answer
-    is moot, so it is dropped and the connection closes as it should.
+    is moot, so it is dropped and the connection closes as it should. Dropped
+    means taken off the provider queue too: left there, it would raise the same
+    event on every DUL loop and keep the DUL from reading the transport.
     """
 
     def do_action(self, event: str) -> None:
         if self.current_state == "Sta13" and event in _LOCAL_PRIMITIVE_EVENTS:
+            with contextlib.suppress(queue.Empty):
+                self.dul.to_provider_queue.get(block=False)
             return
         super().do_action(event)
 
 
-class PolicyDUL(DULServiceProvider):
+class PolicyDUL(ReactorDUL):
     """DUL that turns an undecodable A-ASSOCIATE-RQ into a rejectable request.
 
     pynetdicom answers an A-ASSOCIATE-RQ it cannot decode with an A-ABORT
@@ -533,16 +543,14 @@ class PolicyACSE(ACSE):
         evt.trigger(self.assoc, evt.EVT_ESTABLISHED, {})
 
 
-class DicomlabAssociation(Association):
+class DicomlabAssociation(EventDrivenAssociation):
     """Acceptor association with policy negotiation and declared-service dispatch."""
+
+    dul_class = PolicyDUL
 
     def __init__(self, ae: DicomlabAE, mode: str) -> None:
         super().__init__(ae, mode)
         self.acse = PolicyACSE(self)
-        self.dul = PolicyDUL(self)
-        # The timers live on the DUL: set them again on the replacement.
-        self.acse_timeout = ae.acse_timeout
-        self.network_timeout = ae.network_timeout
 
     def run_reactor(self) -> None:
         try:
