@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from servers.core.runtime import Suite
 
@@ -129,3 +130,25 @@ def free_ports_env(given: dict[str, str] | None = None) -> dict[str, str]:
     if "DICOMLAB_SERVICES__WORKLIST__HL7_PORT" not in given:
         env["DICOMLAB_SERVICES__WORKLIST__HL7_PORT"] = str(free_port())
     return env
+
+
+def request_association(ae: AE, host: str, port: int, **kwargs: Any) -> Association:
+    """``ae.associate(host, port, **kwargs)``, keeping an A-ASSOCIATE-RJ pynetdicom can drop.
+
+    pynetdicom's requestor ACSE waits for the socket's "ready" flag and then aborts
+    if the socket is no longer connected. When the acceptor answers with an
+    A-ASSOCIATE-RJ and the requestor's own DUL closes the connection on it (PS3.8
+    AE-4) before that thread wakes, the association reads as aborted although the
+    rejection arrived: it is then still on the DUL's to-user queue. Seen with a
+    fast acceptor on a loaded machine (1 in ~300); tests that check the rejection
+    the server sent read it from there.
+    """
+    assoc = ae.associate(host, port, **kwargs)
+    if assoc.is_aborted and not assoc.is_rejected:
+        for primitive in list(assoc.dul.to_user_queue.queue):
+            if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0):
+                assoc.acceptor.primitive = primitive
+                assoc.is_rejected = True
+                assoc.is_aborted = False
+                break
+    return assoc

@@ -33,7 +33,7 @@ from servers.core.network import (
     REJECTION_ROWS,
 )
 from servers.core.runtime import Suite
-from tests.helpers import associate
+from tests.helpers import associate, request_association
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def request(
     for abstract, transfer in contexts:
         ae.add_requested_context(abstract, list(transfer))
     title = called_ae or suite.config.ae(key).title
-    return ae, ae.associate("127.0.0.1", suite.port_of(key), ae_title=title)
+    return ae, request_association(ae, "127.0.0.1", suite.port_of(key), ae_title=title)
 
 
 def rejection(suite: Suite, key: str, **kwargs: Any) -> RSD:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pynetdicom import AE
 
-from tests.helpers import associate
+from tests.helpers import associate, request_association
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -18,7 +18,7 @@ def test_echo_on_both_archive_acceptors(suite):
 def test_wrong_called_ae_is_rejected_1_1_7(suite):
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", suite.port_of("storage_scp"), ae_title="NOT_ME")
+    assoc = request_association(ae, "127.0.0.1", suite.port_of("storage_scp"), ae_title="NOT_ME")
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)

@@ -36,7 +36,7 @@ from db.queries import mpps as mpps_q
 from servers.core.network import REJECT_LIMIT, REJECTION_ROWS
 from servers.core.runtime import Suite
 from servers.print import tables as p
-from tests.helpers import CT, associate, make_image
+from tests.helpers import CT, associate, make_image, request_association
 from tests.ris_helpers import MPPS, MWL, mpps_create, mpps_final, mwl_identifier
 from tests.test_association import (
     associate_rq,
@@ -464,7 +464,7 @@ def test_association_flood_gets_2_3_2_and_the_server_recovers(
         ae = AE(ae_title=f"FLOOD{n:02d}")
         ae.acse_timeout = ae.network_timeout = 20
         ae.add_requested_context(VERIFICATION)
-        assoc = ae.associate("127.0.0.1", port, ae_title="EX_STORE_SCP")
+        assoc = request_association(ae, "127.0.0.1", port, ae_title="EX_STORE_SCP")
         if assoc.is_established:
             with lock:
                 results.append("accepted")

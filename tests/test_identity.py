@@ -16,6 +16,7 @@ from servers.core.declaration import StartupError
 from servers.core.network import REJECT_USER_IDENTITY, REJECTION_ROWS
 from servers.core.runtime import Suite
 from servers.core.statement import render
+from tests.helpers import request_association
 
 VERIFICATION = "1.2.840.10008.1.1"
 # Few iterations: the tests check the policy, not the cost of guessing.
@@ -45,7 +46,8 @@ def attempt(suite: Suite, item: UserIdentityNegotiation | None) -> Association:
     ae = AE(ae_title="ID_SCU")
     ae.acse_timeout = ae.network_timeout = 10
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate(
+    assoc = request_association(
+        ae,
         "127.0.0.1",
         suite.port_of("storage_scp"),
         ae_title="EX_STORE_SCP",

@@ -32,7 +32,17 @@ from servers.core.runtime import Suite
 from servers.core.transfer_syntax import JPEG_BASELINE
 from servers.storage import declaration
 from servers.storage import scp as storage_scp
-from tests.helpers import CT, MR, NM_RETIRED, SC, US_RETIRED, associate, make_image, write_part10
+from tests.helpers import (
+    CT,
+    MR,
+    NM_RETIRED,
+    SC,
+    US_RETIRED,
+    associate,
+    make_image,
+    request_association,
+    write_part10,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -212,8 +222,8 @@ def test_retired_us_classes_store(suite: Suite, sop_class: str, modality: str) -
 def test_retired_nm_stores_with_implicit_only(suite: Suite) -> None:
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(NM_RETIRED, [ExplicitVRLittleEndian])
-    assoc = ae.associate(
-        "127.0.0.1", suite.port_of("storage_scp"), ae_title=suite.config.ae("storage_scp").title
+    assoc = request_association(
+        ae, "127.0.0.1", suite.port_of("storage_scp"), ae_title=suite.config.ae("storage_scp").title
     )
     # Explicit VR is not listed for NM (Retired): the only context is rejected (B1).
     assert assoc.is_rejected
