@@ -64,17 +64,38 @@ class FileStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def write(self, chunks: Iterable[bytes], relative_path: str | None = None) -> StoredFile:
-        """Write ``chunks`` durably; replace ``relative_path`` if given, else pick a new name."""
+    def _make_parents(self, directory: Path) -> None:
+        # A directory created here is only durable once its parent is fsynced too.
+        if directory.is_dir():
+            return
+        self._make_parents(directory.parent)
+        # Another thread may have just created it and not yet fsynced its parent.
+        directory.mkdir(exist_ok=True)
+        _fsync_dir(directory.parent)
+
+    def write(
+        self,
+        chunks: Iterable[bytes],
+        relative_path: str | None = None,
+        *,
+        sync_directory: bool = True,
+    ) -> StoredFile:
+        """Write ``chunks`` durably; replace ``relative_path`` if given, else pick a new name.
+
+        With ``sync_directory=False`` the file's data is fsynced and renamed into
+        place but its directory entry is not yet durable: the caller must pass the
+        path to :meth:`sync_directories` before relying on it (a group commit fsyncs
+        each directory once for many files).
+        """
         if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
             raise StoreFull(f"less than {self.min_free_bytes} bytes free under {self.root}")
         relative_path = relative_path or self._new_relative_path()
         final = self.path(relative_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
         digest = hashlib.sha256()
         size = 0
         try:
+            self._make_parents(final.parent)
             with open(tmp, "xb") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
@@ -83,7 +104,8 @@ class FileStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            if sync_directory:
+                _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -93,6 +115,23 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
         return StoredFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+
+    def sync_directories(self, relative_paths: Iterable[str]) -> None:
+        """Make the directory entries of files written with ``sync_directory=False`` durable.
+
+        Raises
+        ------
+        StoreFull, StoreError
+            As :meth:`write` would have.
+        """
+        directories = {self.path(relative_path).parent for relative_path in relative_paths}
+        try:
+            for directory in sorted(directories):
+                _fsync_dir(directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(str(exc)) from exc
+            raise StoreError(str(exc)) from exc
 
     def read(self, relative_path: str) -> bytes:
         return self.path(relative_path).read_bytes()

@@ -32,10 +32,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Patient, Series, Study
+from db.models import Instance, Patient, Series, Study, utcnow
 from db.values import (
     LO_MAX,
     clean,
@@ -325,6 +325,31 @@ def _series(session: Session, record: IndexRecord, study: Study) -> Series:
     return series
 
 
+def _known_series(session: Session, record: IndexRecord) -> tuple[int, str] | None:
+    """(series pk, the study's Patient ID) when series and study are indexed as received."""
+    row = session.execute(
+        select(Series.id, Patient.patient_id)
+        .join(Study, Series.study_pk == Study.id)
+        .join(Patient, Study.patient_pk == Patient.id)
+        .where(
+            Series.series_instance_uid == record.series_instance_uid,
+            Study.study_instance_uid == record.study_instance_uid,
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def _series_pk(session: Session, record: IndexRecord) -> tuple[int, str]:
+    known = _known_series(session, record)
+    if known is not None:
+        return known
+    # First instance of its series (or a series filed under another study): the
+    # ORM path, which creates what is missing and resolves the patient.
+    study = _study(session, record)
+    series = _series(session, record, study)
+    return series.id, study.patient.patient_id
+
+
 def index_instance(
     session: Session,
     record: IndexRecord,
@@ -339,29 +364,43 @@ def index_instance(
     keeps the patient it was first stored under. Raises
     :class:`sqlalchemy.exc.IntegrityError` when another transaction inserted the
     same patient, study, series or instance first: retry in a fresh transaction.
+
+    An instance of a known series costs one joined look-up and one insert (Core
+    statements: the ORM's unit of work was a fifth of a C-STORE).
     """
-    study = _study(session, record)
-    series = _series(session, record, study)
-    existing = find_instance(session, stored_sop_instance_uid) if replace else None
+    series_pk, patient_id = _series_pk(session, record)
+    values = {
+        "series_pk": series_pk,
+        "sop_class_uid": record.sop_class_uid,
+        "received_sop_instance_uid": record.sop_instance_uid,
+        "instance_number": record.instance_number,
+        "transfer_syntax_uid": stored.transfer_syntax_uid,
+        "file_path": stored.relative_path,
+        "file_size": stored.size,
+        "sha256": stored.sha256,
+        "source_ae": stored.source_ae[:SH_MAX],
+    }
+    existing = (
+        session.execute(
+            select(Instance.id, Instance.file_path).where(
+                Instance.sop_instance_uid == stored_sop_instance_uid
+            )
+        ).first()
+        if replace
+        else None
+    )
     replaced_path: str | None = None
-    instance = existing or Instance(sop_instance_uid=stored_sop_instance_uid)
-    if existing is not None:
-        replaced_path = existing.file_path
-    instance.series_pk = series.id
-    instance.sop_class_uid = record.sop_class_uid
-    instance.received_sop_instance_uid = record.sop_instance_uid
-    instance.instance_number = record.instance_number
-    instance.transfer_syntax_uid = stored.transfer_syntax_uid
-    instance.file_path = stored.relative_path
-    instance.file_size = stored.size
-    instance.sha256 = stored.sha256
-    instance.source_ae = stored.source_ae[:SH_MAX]
     if existing is None:
-        session.add(instance)
-    session.flush()
-    patient_id = study.patient.patient_id
+        instance_pk = session.execute(
+            insert(Instance)
+            .values(sop_instance_uid=stored_sop_instance_uid, received_at=utcnow(), **values)
+            .returning(Instance.id)
+        ).scalar_one()
+    else:
+        instance_pk, replaced_path = existing[0], existing[1]
+        session.execute(update(Instance).where(Instance.id == instance_pk).values(**values))
     return IngestResult(
-        instance_pk=instance.id,
+        instance_pk=int(instance_pk),
         patient_id=patient_id,
         patient_id_coerced=patient_id != record.patient_id,
         replaced_path=replaced_path if replaced_path != stored.relative_path else None,
