@@ -215,7 +215,7 @@ def _meta_template(
     # SOP class, transfer syntax, our implementation and the sender, which repeat
     # for every instance of a series; pydicom building it anew cost ~5% of a C-STORE.
     before = _element(0x00020001, b"OB", b"\0\1", b"\0") + _element(
-        0x00020002, b"UI", sop_class_uid.encode("ascii"), b"\0"
+        0x00020002, b"UI", sop_class_uid.encode("latin-1"), b"\0"
     )
     after = _element(0x00020010, b"UI", transfer_syntax_uid.encode("latin-1"), b"\0")
     after += _element(0x00020012, b"UI", implementation_class_uid.encode("latin-1"), b"\0")
