@@ -26,7 +26,7 @@ from pynetdicom.dsutils import encode
 from sqlalchemy import func, select
 
 from db.models import Instance, Patient, Series, Study
-from db.queries.ingest import StoredFacts, record_from_dataset
+from db.queries.ingest import StoredFacts, index_instance, record_from_dataset
 from servers.core import config as config_mod
 from servers.core.declaration import StartupError
 from servers.core.runtime import Suite
@@ -624,7 +624,7 @@ def _commit_while_busy(
     """Hold a commit open until ``jobs`` all wait, then let them commit as one batch."""
     committer = storage_scp.GroupCommitter(suite.db, suite.store)
     release = threading.Event()
-    real = storage_scp.index_instance
+    real = index_instance
 
     def index(session: Any, record: Any, *args: Any, **kwargs: Any) -> Any:
         if record.sop_instance_uid == first.stored_uid:
