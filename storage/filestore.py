@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class FileStore:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        # Parents of directories :meth:`write` made, until :meth:`sync_directories`
+        # (which every write with ``sync_directory=True`` calls) has fsynced them.
+        self._unsynced_parents: set[Path] = set()
+        self._lock = threading.Lock()
 
     def path(self, relative_path: str) -> Path:
         resolved = (self.root / relative_path).resolve()
@@ -65,13 +70,17 @@ class FileStore:
         return shutil.disk_usage(self.root).free
 
     def _make_parents(self, directory: Path) -> None:
-        # A directory created here is only durable once its parent is fsynced too.
-        if directory.is_dir():
-            return
-        self._make_parents(directory.parent)
-        # Another thread may have just created it and not yet fsynced its parent.
-        directory.mkdir(exist_ok=True)
-        _fsync_dir(directory.parent)
+        # A directory made here is durable only once its parent is fsynced too.
+        # Its parent is noted under the lock before anyone can see the directory
+        # exist, so whoever writes into it next also syncs that parent.
+        with self._lock:
+            missing: list[Path] = []
+            while not directory.is_dir():
+                missing.append(directory)
+                directory = directory.parent
+            for new in reversed(missing):
+                new.mkdir(exist_ok=True)
+                self._unsynced_parents.add(new.parent)
 
     def write(
         self,
@@ -104,8 +113,6 @@ class FileStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            if sync_directory:
-                _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -114,6 +121,8 @@ class FileStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if sync_directory:
+            self.sync_directories([relative_path])
         return StoredFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
 
     def sync_directories(self, relative_paths: Iterable[str]) -> None:
@@ -125,13 +134,20 @@ class FileStore:
             As :meth:`write` would have.
         """
         directories = {self.path(relative_path).parent for relative_path in relative_paths}
+        with self._lock:
+            parents = set(self._unsynced_parents)
         try:
-            for directory in sorted(directories):
+            # Deepest first, so each new directory is complete before its parent's
+            # entry for it is made durable.
+            for directory in sorted(directories | parents, key=lambda p: -len(p.parts)):
                 _fsync_dir(directory)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(str(exc)) from exc
             raise StoreError(str(exc)) from exc
+        # Dropped only once synced: a concurrent caller meanwhile syncs them again.
+        with self._lock:
+            self._unsynced_parents -= parents
 
     def read(self, relative_path: str) -> bytes:
         return self.path(relative_path).read_bytes()
