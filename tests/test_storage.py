@@ -33,6 +33,7 @@ from servers.core.runtime import Suite
 from servers.core.transfer_syntax import JPEG_BASELINE
 from servers.storage import declaration, encoding
 from servers.storage import scp as storage_scp
+from storage import filestore
 from tests.helpers import CT, MR, NM_RETIRED, SC, US_RETIRED, associate, make_image, write_part10
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -679,3 +680,30 @@ def test_group_commit_failure_is_isolated_to_its_instance(
         stored = set(session.scalars(select(Instance.sop_instance_uid)))
     assert jobs[1].stored_uid not in stored
     assert {jobs[0].stored_uid, jobs[2].stored_uid} <= stored
+
+
+def test_directory_entries_are_durable_before_they_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real = filestore._fsync_dir
+
+    def record(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(filestore, "_fsync_dir", record)
+    store = filestore.FileStore(tmp_path / "store")
+    first = store.write([b"one"], "ab/cd/1.dcm", sync_directory=False)
+    second = store.write([b"two"], "ab/cd/2.dcm", sync_directory=False)
+    assert synced == []
+    store.sync_directories([first.relative_path, second.relative_path])
+    # The files' directory once, then each new directory's parent, deepest first.
+    assert synced == [store.root / "ab/cd", store.root / "ab", store.root]
+    synced.clear()
+    store.sync_directories([first.relative_path])
+    assert synced == [store.root / "ab/cd"]
+    synced.clear()
+    # A plain write syncs at once, new parents included.
+    store.write([b"three"], "ab/ef/3.dcm")
+    assert synced == [store.root / "ab/ef", store.root / "ab"]
