@@ -28,11 +28,11 @@ map to the same coerced ID.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Instance, Patient, Series, Study, utcnow
@@ -216,11 +216,36 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
-def instance_exists(session: Session, sop_instance_uid: str) -> bool:
-    return (
-        session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-        is not None
+# The statements every C-STORE runs, built once and on the tables rather than the
+# mapped classes: the ORM's per-statement set-up and cache-key work cost more than
+# SQLite's execution of them.
+_PATIENT = cast(Table, Patient.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+_INSTANCE_BY_UID = select(_INSTANCE.c.id, _INSTANCE.c.file_path).where(
+    _INSTANCE.c.sop_instance_uid == bindparam("uid")
+)
+_KNOWN_SERIES = (
+    select(_SERIES.c.id, _PATIENT.c.patient_id)
+    .select_from(
+        _SERIES.join(_STUDY, _SERIES.c.study_pk == _STUDY.c.id).join(
+            _PATIENT, _STUDY.c.patient_pk == _PATIENT.c.id
+        )
     )
+    .where(
+        _SERIES.c.series_instance_uid == bindparam("series_uid"),
+        _STUDY.c.study_instance_uid == bindparam("study_uid"),
+    )
+)
+_INSERT_INSTANCE = insert(_INSTANCE).returning(_INSTANCE.c.id)
+_UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("pk"))
+
+
+def instance_exists(session: Session, sop_instance_uid: str) -> bool:
+    """Whether an instance row is stored under ``sop_instance_uid``."""
+    found = session.connection().execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first()
+    return found is not None
 
 
 def coerced_patient_id(received: str, n: int) -> str:
@@ -327,15 +352,17 @@ def _series(session: Session, record: IndexRecord, study: Study) -> Series:
 
 def _known_series(session: Session, record: IndexRecord) -> tuple[int, str] | None:
     """(series pk, the study's Patient ID) when series and study are indexed as received."""
-    row = session.execute(
-        select(Series.id, Patient.patient_id)
-        .join(Study, Series.study_pk == Study.id)
-        .join(Patient, Study.patient_pk == Patient.id)
-        .where(
-            Series.series_instance_uid == record.series_instance_uid,
-            Study.study_instance_uid == record.study_instance_uid,
+    row = (
+        session.connection()
+        .execute(
+            _KNOWN_SERIES,
+            {
+                "series_uid": record.series_instance_uid,
+                "study_uid": record.study_instance_uid,
+            },
         )
-    ).first()
+        .first()
+    )
     return None if row is None else (row[0], row[1])
 
 
@@ -380,25 +407,21 @@ def index_instance(
         "sha256": stored.sha256,
         "source_ae": stored.source_ae[:SH_MAX],
     }
+    connection = session.connection()
     existing = (
-        session.execute(
-            select(Instance.id, Instance.file_path).where(
-                Instance.sop_instance_uid == stored_sop_instance_uid
-            )
-        ).first()
+        connection.execute(_INSTANCE_BY_UID, {"uid": stored_sop_instance_uid}).first()
         if replace
         else None
     )
     replaced_path: str | None = None
     if existing is None:
-        instance_pk = session.execute(
-            insert(Instance)
-            .values(sop_instance_uid=stored_sop_instance_uid, received_at=utcnow(), **values)
-            .returning(Instance.id)
+        instance_pk = connection.execute(
+            _INSERT_INSTANCE,
+            {"sop_instance_uid": stored_sop_instance_uid, "received_at": utcnow(), **values},
         ).scalar_one()
     else:
         instance_pk, replaced_path = existing[0], existing[1]
-        session.execute(update(Instance).where(Instance.id == instance_pk).values(**values))
+        connection.execute(_UPDATE_INSTANCE, {"pk": instance_pk, **values})
     return IngestResult(
         instance_pk=int(instance_pk),
         patient_id=patient_id,
