@@ -21,13 +21,15 @@ from sqlalchemy import create_engine, text
 
 from servers.core import config as config_mod
 from servers.core import logs
-from servers.core.runtime import UNDECLARED, Suite
+from servers.core.runtime import UNDECLARED, StartupError, Suite
 
 IN_CI = bool(os.environ.get("CI"))
 POSTGRES_URL = os.environ.get(
     "DICOMLAB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 BACKENDS = ["sqlite", "postgres"]
+# Tries at starting a suite on freshly picked ports (see make_suite).
+PORT_ATTEMPTS = 3
 
 
 def require(condition: bool, reason: str) -> None:
@@ -89,24 +91,36 @@ def make_suite(tmp_path: Path, db_url: str) -> Iterator[SuiteFactory]:
     started: list[Suite] = []
 
     def factory(overrides: dict[str, Any] | None = None, extra_plugins: tuple = ()) -> Suite:
-        raw: dict[str, Any] = {
-            "data_dir": str(tmp_path / f"data{len(started)}"),
-            "database_url": db_url,
-            "host": "127.0.0.1",
-            # Every listening AE of the embedded default, and the HL7 listener, on a free port.
-            "ae": {
-                key: {"port": free_port()}
-                for key, ae in config_mod.DEFAULTS["ae"].items()
-                if int(ae.get("port", 0)) > 0
-            },
-            # Test orders are scheduled in the past: no expiry unless a test asks for it.
-            "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
-        }
-        config = config_mod.load(path=None, environ={}, overrides=_deep_merge(raw, overrides or {}))
-        suite = Suite.create(config, extra_plugins=extra_plugins)
-        suite.start()
-        started.append(suite)
-        return suite
+        # A port free_port() found can be taken by another process before the suite
+        # binds it (other test runs and servers share the machine): pick new ones.
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            raw: dict[str, Any] = {
+                "data_dir": str(tmp_path / f"data{len(started)}"),
+                "database_url": db_url,
+                "host": "127.0.0.1",
+                # Every listening AE of the embedded default, and the HL7 listener, on a
+                # free port.
+                "ae": {
+                    key: {"port": free_port()}
+                    for key, ae in config_mod.DEFAULTS["ae"].items()
+                    if int(ae.get("port", 0)) > 0
+                },
+                # Test orders are scheduled in the past: no expiry unless a test asks for it.
+                "services": {"worklist": {"hl7_port": free_port(), "expiry_minutes": 0}},
+            }
+            config = config_mod.load(
+                path=None, environ={}, overrides=_deep_merge(raw, overrides or {})
+            )
+            suite = Suite.create(config, extra_plugins=extra_plugins)
+            try:
+                suite.start()
+            except StartupError as exc:
+                if "Address already in use" not in str(exc) or attempt == PORT_ATTEMPTS:
+                    raise
+                continue
+            started.append(suite)
+            return suite
+        raise AssertionError("unreachable")
 
     undeclared_before = len(UNDECLARED)
     yield factory
