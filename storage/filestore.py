@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class FileStore:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        # Parents of directories :meth:`write` made, until :meth:`sync_directories`
+        # (which every write with ``sync_directory=True`` calls) has fsynced them.
+        self._unsynced_parents: set[Path] = set()
+        self._lock = threading.Lock()
 
     def path(self, relative_path: str) -> Path:
         resolved = (self.root / relative_path).resolve()
@@ -64,17 +69,42 @@ class FileStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def write(self, chunks: Iterable[bytes], relative_path: str | None = None) -> StoredFile:
-        """Write ``chunks`` durably; replace ``relative_path`` if given, else pick a new name."""
+    def _make_parents(self, directory: Path) -> None:
+        # A directory made here is durable only once its parent is fsynced too.
+        # Its parent is noted under the lock before anyone can see the directory
+        # exist, so whoever writes into it next also syncs that parent.
+        with self._lock:
+            missing: list[Path] = []
+            while not directory.is_dir():
+                missing.append(directory)
+                directory = directory.parent
+            for new in reversed(missing):
+                new.mkdir(exist_ok=True)
+                self._unsynced_parents.add(new.parent)
+
+    def write(
+        self,
+        chunks: Iterable[bytes],
+        relative_path: str | None = None,
+        *,
+        sync_directory: bool = True,
+    ) -> StoredFile:
+        """Write ``chunks`` durably; replace ``relative_path`` if given, else pick a new name.
+
+        With ``sync_directory=False`` the file's data is fsynced and renamed into
+        place but its directory entry is not yet durable: the caller must pass the
+        path to :meth:`sync_directories` before relying on it (a group commit fsyncs
+        each directory once for many files).
+        """
         if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
             raise StoreFull(f"less than {self.min_free_bytes} bytes free under {self.root}")
         relative_path = relative_path or self._new_relative_path()
         final = self.path(relative_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
         digest = hashlib.sha256()
         size = 0
         try:
+            self._make_parents(final.parent)
             with open(tmp, "xb") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
@@ -83,7 +113,6 @@ class FileStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -92,7 +121,33 @@ class FileStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if sync_directory:
+            self.sync_directories([relative_path])
         return StoredFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+
+    def sync_directories(self, relative_paths: Iterable[str]) -> None:
+        """Make the directory entries of files written with ``sync_directory=False`` durable.
+
+        Raises
+        ------
+        StoreFull, StoreError
+            As :meth:`write` would have.
+        """
+        directories = {self.path(relative_path).parent for relative_path in relative_paths}
+        with self._lock:
+            parents = set(self._unsynced_parents)
+        try:
+            # Deepest first, so each new directory is complete before its parent's
+            # entry for it is made durable.
+            for directory in sorted(directories | parents, key=lambda p: -len(p.parts)):
+                _fsync_dir(directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(str(exc)) from exc
+            raise StoreError(str(exc)) from exc
+        # Dropped only once synced: a concurrent caller meanwhile syncs them again.
+        with self._lock:
+            self._unsynced_parents -= parents
 
     def read(self, relative_path: str) -> bytes:
         return self.path(relative_path).read_bytes()

@@ -31,6 +31,7 @@ POSTGRES_URL = os.environ.get(
     "DICOMLAB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 BACKENDS = ["sqlite", "postgres"]
+# Tries at starting a suite on freshly picked ports (see make_suite).
 
 
 def require(condition: bool, reason: str) -> None:

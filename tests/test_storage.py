@@ -26,12 +26,14 @@ from pynetdicom.dsutils import encode
 from sqlalchemy import func, select
 
 from db.models import Instance, Patient, Series, Study
+from db.queries.ingest import StoredFacts, index_instance, record_from_dataset
 from servers.core import config as config_mod
 from servers.core.declaration import StartupError
 from servers.core.runtime import Suite
 from servers.core.transfer_syntax import JPEG_BASELINE
-from servers.storage import declaration
+from servers.storage import declaration, encoding
 from servers.storage import scp as storage_scp
+from storage import filestore
 from tests.helpers import (
     CT,
     MR,
@@ -595,3 +597,123 @@ def test_concurrent_stores_into_one_new_study(suite: Suite) -> None:
     assert statuses == [0x0000] * 40
     assert counts(suite) == (1, 1, 1, 40)
     assert len(files_in(suite)) == 40
+
+
+# -- File Meta Information template, group commit ----------------------------
+
+
+@pytest.mark.parametrize("source_ae", ["", "DCMTK_SCU", "ODD"])
+@pytest.mark.parametrize("instance_uid", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
+@pytest.mark.parametrize("version", ["DICOMLAB_010", "DL1", ""])
+def test_part10_header_template_is_what_pydicom_writes(
+    source_ae: str, instance_uid: str, version: str
+) -> None:
+    for sop_class, ts in ((CT, ExplicitVRLittleEndian), (SC, ImplicitVRLittleEndian)):
+        fields = {
+            "sop_class_uid": sop_class,
+            "sop_instance_uid": instance_uid,
+            "transfer_syntax_uid": ts,
+            "implementation_class_uid": "1.2.826.0.1.3680043.9.7433.1",
+            "implementation_version_name": version,
+            "source_ae_title": source_ae,
+        }
+        assert encoding.part10_header(**fields) == encoding.pydicom_part10_header(**fields)
+
+
+def _job(suite: Suite, ds: Dataset) -> storage_scp.IndexJob:
+    record = record_from_dataset(ds)
+    stored = suite.store.write([encoded(ds)], sync_directory=False)
+    facts = StoredFacts(stored.relative_path, stored.size, stored.sha256, "1.2.840.10008.1.2.1", "")
+    return storage_scp.IndexJob(
+        record, facts, record.sop_instance_uid, replace=False, check_duplicate=True
+    )
+
+
+def _commit_while_busy(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch, fail_uid: str | None, jobs: list[Any]
+) -> storage_scp.IndexJob:
+    """Hold a commit open until ``jobs`` all wait, then let them commit as one batch."""
+    committer = storage_scp.GroupCommitter(suite.db, suite.store)
+    release = threading.Event()
+    real = index_instance
+
+    def index(session: Any, record: Any, *args: Any, **kwargs: Any) -> Any:
+        if record.sop_instance_uid == first.stored_uid:
+            assert release.wait(timeout=60)
+        if record.sop_instance_uid == fail_uid:
+            raise RuntimeError("this instance's rows cannot be written")
+        return real(session, record, *args, **kwargs)
+
+    monkeypatch.setattr(storage_scp, "index_instance", index)
+    first = _job(suite, make_image())
+    threads = [threading.Thread(target=committer.submit, args=(first,))]
+    threads[0].start()
+    while not committer._busy:
+        time.sleep(0.001)
+    for job in jobs:
+        threads.append(threading.Thread(target=committer.submit, args=(job,)))
+        threads[-1].start()
+    while len(committer._pending) < len(jobs):
+        time.sleep(0.001)
+    release.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(job.done for job in [first, *jobs])
+    return first
+
+
+def test_group_commit_indexes_waiting_instances_in_one_transaction(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = generate_uid()
+    dup = make_image(study_uid=study)
+    assert store(suite, dup).Status == 0x0000
+    jobs = [_job(suite, make_image(study_uid=study)) for _ in range(3)] + [_job(suite, dup)]
+    first = _commit_while_busy(suite, monkeypatch, None, jobs)
+    assert (first.group, first.error, first.duplicate) == (1, None, False)
+    # The three new instances share one transaction; the duplicate is reported, not indexed.
+    assert [(j.group, j.error, j.duplicate) for j in jobs] == [(4, None, False)] * 3 + [
+        (4, None, True)
+    ]
+    assert counts(suite) == (1, 2, 5, 5)
+
+
+def test_group_commit_failure_is_isolated_to_its_instance(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [_job(suite, make_image()) for _ in range(3)]
+    _commit_while_busy(suite, monkeypatch, jobs[1].stored_uid, jobs)
+    assert isinstance(jobs[1].error, RuntimeError)
+    # The others are retried each in its own transaction after the shared one failed.
+    assert [(j.group, j.error) for j in (jobs[0], jobs[2])] == [(1, None), (1, None)]
+    with suite.db.read() as session:
+        stored = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert jobs[1].stored_uid not in stored
+    assert {jobs[0].stored_uid, jobs[2].stored_uid} <= stored
+
+
+def test_directory_entries_are_durable_before_they_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real = filestore._fsync_dir
+
+    def record(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(filestore, "_fsync_dir", record)
+    store = filestore.FileStore(tmp_path / "store")
+    first = store.write([b"one"], "ab/cd/1.dcm", sync_directory=False)
+    second = store.write([b"two"], "ab/cd/2.dcm", sync_directory=False)
+    assert synced == []
+    store.sync_directories([first.relative_path, second.relative_path])
+    # The files' directory once, then each new directory's parent, deepest first.
+    assert synced == [store.root / "ab/cd", store.root / "ab", store.root]
+    synced.clear()
+    store.sync_directories([first.relative_path])
+    assert synced == [store.root / "ab/cd"]
+    synced.clear()
+    # A plain write syncs at once, new parents included.
+    store.write([b"three"], "ab/ef/3.dcm")
+    assert synced == [store.root / "ab/ef", store.root / "ab"]

@@ -28,14 +28,14 @@ map to the same coerced ID.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Patient, Series, Study
+from db.models import Instance, Patient, Series, Study, utcnow
 from db.values import (
     LO_MAX,
     clean,
@@ -216,11 +216,36 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
-def instance_exists(session: Session, sop_instance_uid: str) -> bool:
-    return (
-        session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-        is not None
+# The statements every C-STORE runs, built once and on the tables rather than the
+# mapped classes: the ORM's per-statement set-up and cache-key work cost more than
+# SQLite's execution of them.
+_PATIENT = cast(Table, Patient.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+_INSTANCE_BY_UID = select(_INSTANCE.c.id, _INSTANCE.c.file_path).where(
+    _INSTANCE.c.sop_instance_uid == bindparam("uid")
+)
+_KNOWN_SERIES = (
+    select(_SERIES.c.id, _PATIENT.c.patient_id)
+    .select_from(
+        _SERIES.join(_STUDY, _SERIES.c.study_pk == _STUDY.c.id).join(
+            _PATIENT, _STUDY.c.patient_pk == _PATIENT.c.id
+        )
     )
+    .where(
+        _SERIES.c.series_instance_uid == bindparam("series_uid"),
+        _STUDY.c.study_instance_uid == bindparam("study_uid"),
+    )
+)
+_INSERT_INSTANCE = insert(_INSTANCE).returning(_INSTANCE.c.id)
+_UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("pk"))
+
+
+def instance_exists(session: Session, sop_instance_uid: str) -> bool:
+    """Whether an instance row is stored under ``sop_instance_uid``."""
+    found = session.connection().execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first()
+    return found is not None
 
 
 def coerced_patient_id(received: str, n: int) -> str:
@@ -325,6 +350,33 @@ def _series(session: Session, record: IndexRecord, study: Study) -> Series:
     return series
 
 
+def _known_series(session: Session, record: IndexRecord) -> tuple[int, str] | None:
+    """(series pk, the study's Patient ID) when series and study are indexed as received."""
+    row = (
+        session.connection()
+        .execute(
+            _KNOWN_SERIES,
+            {
+                "series_uid": record.series_instance_uid,
+                "study_uid": record.study_instance_uid,
+            },
+        )
+        .first()
+    )
+    return None if row is None else (row[0], row[1])
+
+
+def _series_pk(session: Session, record: IndexRecord) -> tuple[int, str]:
+    known = _known_series(session, record)
+    if known is not None:
+        return known
+    # First instance of its series (or a series filed under another study): the
+    # ORM path, which creates what is missing and resolves the patient.
+    study = _study(session, record)
+    series = _series(session, record, study)
+    return series.id, study.patient.patient_id
+
+
 def index_instance(
     session: Session,
     record: IndexRecord,
@@ -339,29 +391,39 @@ def index_instance(
     keeps the patient it was first stored under. Raises
     :class:`sqlalchemy.exc.IntegrityError` when another transaction inserted the
     same patient, study, series or instance first: retry in a fresh transaction.
+
+    An instance of a known series costs one joined look-up and one insert (Core
+    statements: the ORM's unit of work was a fifth of a C-STORE).
     """
-    study = _study(session, record)
-    series = _series(session, record, study)
-    existing = find_instance(session, stored_sop_instance_uid) if replace else None
+    series_pk, patient_id = _series_pk(session, record)
+    values = {
+        "series_pk": series_pk,
+        "sop_class_uid": record.sop_class_uid,
+        "received_sop_instance_uid": record.sop_instance_uid,
+        "instance_number": record.instance_number,
+        "transfer_syntax_uid": stored.transfer_syntax_uid,
+        "file_path": stored.relative_path,
+        "file_size": stored.size,
+        "sha256": stored.sha256,
+        "source_ae": stored.source_ae[:SH_MAX],
+    }
+    connection = session.connection()
+    existing = (
+        connection.execute(_INSTANCE_BY_UID, {"uid": stored_sop_instance_uid}).first()
+        if replace
+        else None
+    )
     replaced_path: str | None = None
-    instance = existing or Instance(sop_instance_uid=stored_sop_instance_uid)
-    if existing is not None:
-        replaced_path = existing.file_path
-    instance.series_pk = series.id
-    instance.sop_class_uid = record.sop_class_uid
-    instance.received_sop_instance_uid = record.sop_instance_uid
-    instance.instance_number = record.instance_number
-    instance.transfer_syntax_uid = stored.transfer_syntax_uid
-    instance.file_path = stored.relative_path
-    instance.file_size = stored.size
-    instance.sha256 = stored.sha256
-    instance.source_ae = stored.source_ae[:SH_MAX]
     if existing is None:
-        session.add(instance)
-    session.flush()
-    patient_id = study.patient.patient_id
+        instance_pk = connection.execute(
+            _INSERT_INSTANCE,
+            {"sop_instance_uid": stored_sop_instance_uid, "received_at": utcnow(), **values},
+        ).scalar_one()
+    else:
+        instance_pk, replaced_path = existing[0], existing[1]
+        connection.execute(_UPDATE_INSTANCE, {"pk": instance_pk, **values})
     return IngestResult(
-        instance_pk=instance.id,
+        instance_pk=int(instance_pk),
         patient_id=patient_id,
         patient_id_coerced=patient_id != record.patient_id,
         replaced_path=replaced_path if replaced_path != stored.relative_path else None,

@@ -254,8 +254,10 @@ def statement(
             "elements. Nothing is decoded and re-encoded, so storage is bit-preserving, except "
             "for a duplicate stored under a new UID (below). Files are named by random "
             "identifiers, never by a UID or other received value. A C-STORE Success is sent "
-            "only after the file (written atomically and fsynced) and its index rows "
-            "(one database transaction) are durable. Instances are never deleted automatically. "
+            "only after the file (written atomically and fsynced, directory entry included) "
+            "and its index rows (one database transaction, which may also hold the rows of "
+            "instances other associations sent at the same moment) are durable. Instances are "
+            "never deleted automatically. "
             "Several associations may store into the same patient, study or series at once.",
         ),
         StatementSection(

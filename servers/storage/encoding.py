@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 
 from pydicom.dataset import FileMetaDataset
@@ -194,6 +195,36 @@ def replace_value(
     return bytes(out)
 
 
+def _element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr in LONG_VRS:
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+@lru_cache(maxsize=256)
+def _meta_template(
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+    source_ae_title: str,
+) -> tuple[bytes, bytes]:
+    # Everything but the SOP Instance UID and the group length depends only on the
+    # SOP class, transfer syntax, our implementation and the sender, which repeat
+    # for every instance of a series; pydicom building it anew cost ~5% of a C-STORE.
+    before = _element(0x00020001, b"OB", b"\0\1", b"\0") + _element(
+        0x00020002, b"UI", sop_class_uid.encode("latin-1"), b"\0"
+    )
+    after = _element(0x00020010, b"UI", transfer_syntax_uid.encode("latin-1"), b"\0")
+    after += _element(0x00020012, b"UI", implementation_class_uid.encode("latin-1"), b"\0")
+    after += _element(0x00020013, b"SH", implementation_version_name.encode("latin-1"), b" ")
+    if source_ae_title:
+        after += _element(0x00020016, b"AE", source_ae_title.encode("latin-1"), b" ")
+    return before, after
+
+
 def part10_header(
     *,
     sop_class_uid: str,
@@ -203,7 +234,36 @@ def part10_header(
     implementation_version_name: str,
     source_ae_title: str,
 ) -> bytes:
-    """Preamble, ``DICM`` and File Meta Information for a received data set (PS3.10 7.1)."""
+    """Preamble, ``DICM`` and File Meta Information for a received data set (PS3.10 7.1).
+
+    Byte for byte what pydicom's ``write_file_meta_info`` writes for the same values
+    (a test compares them), from a cached template per SOP class, transfer syntax,
+    implementation and source AE with the SOP Instance UID and group length filled in.
+    Values are encoded as Latin-1, like pydicom's default character repertoire.
+    """
+    before, after = _meta_template(
+        sop_class_uid,
+        transfer_syntax_uid,
+        implementation_class_uid,
+        implementation_version_name,
+        source_ae_title,
+    )
+    instance = _element(0x00020003, b"UI", sop_instance_uid.encode("latin-1"), b"\0")
+    rest_length = len(before) + len(instance) + len(after)
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, rest_length)
+    return b"".join((PREAMBLE, group_length, before, instance, after))
+
+
+def pydicom_part10_header(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+    source_ae_title: str,
+) -> bytes:
+    """:func:`part10_header` written by pydicom, the reference it is tested against."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)

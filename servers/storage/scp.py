@@ -7,16 +7,20 @@ Order of work for one C-STORE-RQ, and the status each step can end in
    not complete data elements) and decode only the attributes the index and
    the A900 check need (C000 if one cannot be decoded);
 2. the A900 check list (:func:`dataset_problem`);
-3. decide the stored SOP Instance UID (duplicate policy), write File Meta
-   Information + the received bytes through the FileStore (atomic, fsynced),
-   then the index rows in one transaction; if the index fails the new file is
-   deleted (A700); a unique-key race with another association is retried in a
-   fresh transaction;
+3. write File Meta Information + the received bytes through the FileStore
+   (atomic, file fsynced) under the received SOP Instance UID, then hand the
+   index rows to the :class:`GroupCommitter`, which fsyncs the file's directory
+   and commits the rows, possibly in one transaction with other associations'
+   instances; a UID already indexed is found there and, under the ``new_uid``
+   policy, the file is rewritten under a new UID and indexed again; if the
+   directory or the index fails the new file is deleted (A700); a unique-key
+   race with another association is retried in a fresh transaction;
 4. 0000, or B000 when coercion warnings are switched on and something was coerced.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,15 +34,18 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, generate_uid
 from pynetdicom import evt
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from db.engine import Database
 from db.queries.ingest import (
     INDEX_KEYWORDS,
     UID_MAX,
     IndexRecord,
     IndexValueError,
+    IngestResult,
     StoredFacts,
-    find_instance,
     index_instance,
+    instance_exists,
     record_from_dataset,
 )
 from servers.core import logs
@@ -51,7 +58,7 @@ from servers.storage.encoding import (
     replace_value,
     walk,
 )
-from storage.filestore import StoreError, StoreFull
+from storage.filestore import FileStore, StoreError, StoreFull
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -114,6 +121,7 @@ class Outcome:
     relative_path: str
     patient_id: str
     coerced: list[int] = field(default_factory=list)
+    group: int = 1
 
 
 def decode(data: bytes, transfer_syntax: UID) -> tuple[Dataset, dict[int, Span]]:
@@ -175,9 +183,162 @@ def _record(ds: Dataset) -> IndexRecord:
         raise Rejected(CANNOT_UNDERSTAND, str(exc)) from exc
 
 
+@dataclass
+class IndexJob:
+    """One written file waiting for its index rows; the committer fills in the outcome."""
+
+    record: IndexRecord
+    facts: StoredFacts
+    stored_uid: str
+    replace: bool
+    check_duplicate: bool
+    result: IngestResult | None = None
+    # The SOP Instance UID is already indexed: store under a new UID (new_uid policy).
+    duplicate: bool = False
+    error: Exception | None = None
+    # How many instances shared the transaction, for the log line.
+    group: int = 0
+    done: bool = False
+
+
+def _index_job(session: Session, job: IndexJob) -> IngestResult | None:
+    # The duplicate check reads in the write transaction that inserts: on SQLite
+    # the writer lock is held from BEGIN IMMEDIATE, on PostgreSQL a concurrent
+    # insert of the same UID fails the unique key and the retry sees it.
+    if job.check_duplicate and instance_exists(session, job.stored_uid):
+        return None
+    return index_instance(
+        session,
+        job.record,
+        job.facts,
+        stored_sop_instance_uid=job.stored_uid,
+        replace=job.replace,
+    )
+
+
+def _settle(job: IndexJob, result: IngestResult | None, group: int) -> None:
+    job.result, job.duplicate, job.group = result, result is None, group
+
+
+class GroupCommitter:
+    """Index rows of instances from all associations, committed together.
+
+    The first association thread to find no commit running becomes the leader:
+    it fsyncs the directories of every waiting file once, inserts all their rows
+    in one transaction (one WAL fsync or one PostgreSQL commit) and then wakes
+    their threads, which answer Success only now. Instances that arrive while a
+    commit runs wait and form the next batch, so a lone association commits its
+    own instance at once, on its own thread, with no added delay, and many
+    associations share the fsyncs. If the shared transaction fails, each
+    instance is retried in its own, so one bad instance gets its own status and
+    does not take the others down with it.
+    """
+
+    def __init__(self, db: Database, store: FileStore) -> None:
+        self.db = db
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending: list[IndexJob] = []
+        self._busy = False
+
+    def submit(self, job: IndexJob) -> None:
+        """Return once ``job`` is committed, found a duplicate, or failed."""
+        with self._cond:
+            self._pending.append(job)
+            while not job.done:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                batch, self._pending = self._pending, []
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _commit(self, batch: list[IndexJob]) -> None:
+        try:
+            self._commit_batch(batch)
+        except Exception as exc:
+            for job in batch:
+                if job.result is None and not job.duplicate and job.error is None:
+                    job.error = exc
+        finally:
+            for job in batch:
+                if job.result is None and not job.duplicate and job.error is None:
+                    job.error = RuntimeError("index commit interrupted")
+                job.done = True
+
+    def _commit_batch(self, batch: list[IndexJob]) -> None:
+        try:
+            self.store.sync_directories(job.facts.relative_path for job in batch)
+        except StoreError as exc:
+            for job in batch:
+                job.error = exc
+            return
+        if len(batch) > 1:
+            try:
+                with self.db.write() as session:
+                    results = [_index_job(session, job) for job in batch]
+            except Exception as exc:
+                # Which instance broke the shared transaction is not known: retry each
+                # alone so only that one fails, with its own status.
+                logs.get_logger().warning(
+                    "c_store_group_commit_failed", group=len(batch), error=repr(exc)
+                )
+            else:
+                for job, result in zip(batch, results, strict=True):
+                    _settle(job, result, len(batch))
+                return
+        for job in batch:
+            try:
+                with self.db.write() as session:
+                    result = _index_job(session, job)
+            except Exception as exc:
+                job.error = exc
+            else:
+                _settle(job, result, 1)
+
+
+def _write_file(
+    ctx: ServiceContext,
+    record: IndexRecord,
+    stored_uid: str,
+    body: bytes,
+    transfer_syntax: UID,
+    calling_ae: str,
+) -> StoredFacts:
+    header = part10_header(
+        sop_class_uid=record.sop_class_uid,
+        sop_instance_uid=stored_uid,
+        transfer_syntax_uid=str(transfer_syntax),
+        implementation_class_uid=ctx.ae.implementation_class_uid,
+        implementation_version_name=ctx.ae.implementation_version_name,
+        source_ae_title=calling_ae,
+    )
+    try:
+        # The directory entry is made durable by the group commit, with others'.
+        stored = ctx.store.write([header, body], sync_directory=False)
+    except StoreFull as exc:
+        raise Rejected(OUT_OF_RESOURCES, f"no space: {exc}") from exc
+    except StoreError as exc:
+        raise Rejected(OUT_OF_RESOURCES, f"file not written: {exc}") from exc
+    return StoredFacts(
+        relative_path=stored.relative_path,
+        size=stored.size,
+        sha256=stored.sha256,
+        transfer_syntax_uid=str(transfer_syntax),
+        source_ae=calling_ae,
+    )
+
+
 def store_instance(
     ctx: ServiceContext,
     settings: StorageSettings,
+    committer: GroupCommitter,
     *,
     data: bytes,
     spans: Mapping[int, Span],
@@ -186,56 +347,50 @@ def store_instance(
     calling_ae: str,
     log: Any,
 ) -> Outcome:
-    """Write the file and its index rows durably, or leave nothing behind (A700)."""
-    implicit = transfer_syntax.is_implicit_VR
+    """Write the file and its index rows durably, or leave nothing behind (A700).
+
+    The file is written under the received UID first; the rare duplicate is
+    found in the index transaction and rewritten under a new UID.
+    """
     replace = settings.duplicate_policy == "replace"
-    last_error = ""
-    for attempt in range(1, INDEX_ATTEMPTS + 1):
-        stored_uid, body = record.sop_instance_uid, data
-        coerced: list[int] = []
-        if not replace:
-            with ctx.db.read() as session:
-                duplicate = find_instance(session, record.sop_instance_uid) is not None
-            if duplicate:
-                stored_uid = generate_uid(prefix=None)
-                body = replace_value(
-                    data, dict(spans), SOP_INSTANCE_UID, stored_uid.encode("ascii"), implicit
-                )
-                coerced.append(SOP_INSTANCE_UID)
-        header = part10_header(
-            sop_class_uid=record.sop_class_uid,
-            sop_instance_uid=stored_uid,
-            transfer_syntax_uid=str(transfer_syntax),
-            implementation_class_uid=ctx.ae.implementation_class_uid,
-            implementation_version_name=ctx.ae.implementation_version_name,
-            source_ae_title=calling_ae,
+    stored_uid = record.sop_instance_uid
+    coerced: list[int] = []
+    facts = _write_file(ctx, record, stored_uid, data, transfer_syntax, calling_ae)
+    races = 0
+    while True:
+        job = IndexJob(
+            record, facts, stored_uid, replace=replace, check_duplicate=not (replace or coerced)
         )
-        try:
-            stored = ctx.store.write([header, body])
-        except StoreFull as exc:
-            raise Rejected(OUT_OF_RESOURCES, f"no space: {exc}") from exc
-        except StoreError as exc:
-            raise Rejected(OUT_OF_RESOURCES, f"file not written: {exc}") from exc
-        facts = StoredFacts(
-            relative_path=stored.relative_path,
-            size=stored.size,
-            sha256=stored.sha256,
-            transfer_syntax_uid=str(transfer_syntax),
-            source_ae=calling_ae,
-        )
-        try:
-            with ctx.db.write() as session:
-                result = index_instance(
-                    session, record, facts, stored_sop_instance_uid=stored_uid, replace=replace
-                )
-        except IntegrityError as exc:
-            ctx.store.delete(stored.relative_path)
-            last_error = str(exc.orig)
-            log.info("c_store_index_race", attempt=attempt, sop_instance=record.sop_instance_uid)
+        committer.submit(job)
+        if job.duplicate:
+            ctx.store.delete(facts.relative_path)
+            stored_uid = generate_uid(prefix=None)
+            body = replace_value(
+                data,
+                dict(spans),
+                SOP_INSTANCE_UID,
+                stored_uid.encode("ascii"),
+                transfer_syntax.is_implicit_VR,
+            )
+            coerced.append(SOP_INSTANCE_UID)
+            facts = _write_file(ctx, record, stored_uid, body, transfer_syntax, calling_ae)
             continue
-        except Exception as exc:
-            ctx.store.delete(stored.relative_path)
-            raise Rejected(OUT_OF_RESOURCES, f"index not written: {exc}") from exc
+        if isinstance(job.error, IntegrityError):
+            # Another association committed the same patient, study, series or
+            # instance first; the file stays, the next attempt sees its rows.
+            races += 1
+            log.info("c_store_index_race", attempt=races, sop_instance=record.sop_instance_uid)
+            if races < INDEX_ATTEMPTS:
+                continue
+            ctx.store.delete(facts.relative_path)
+            raise Rejected(
+                OUT_OF_RESOURCES,
+                f"index not written after {INDEX_ATTEMPTS} attempts: {job.error.orig}",
+            )
+        if job.error is not None or job.result is None:
+            ctx.store.delete(facts.relative_path)
+            raise Rejected(OUT_OF_RESOURCES, f"index not written: {job.error}")
+        result = job.result
         if result.replaced_path:
             try:
                 ctx.store.delete(result.replaced_path)
@@ -243,10 +398,7 @@ def store_instance(
                 log.warning("replaced_file_not_deleted", path=result.replaced_path, error=str(exc))
         if result.patient_id_coerced:
             coerced.append(PATIENT_ID)
-        return Outcome(stored_uid, stored.relative_path, result.patient_id, coerced)
-    raise Rejected(
-        OUT_OF_RESOURCES, f"index not written after {INDEX_ATTEMPTS} attempts: {last_error}"
-    )
+        return Outcome(stored_uid, facts.relative_path, result.patient_id, coerced, job.group)
 
 
 COERCION_COMMENTS = {
@@ -258,6 +410,8 @@ COERCION_COMMENTS = {
 def make_handler(
     ctx: ServiceContext, settings: StorageSettings, statuses: StatusTable
 ) -> Callable[[Any], int | Dataset]:
+    committer = GroupCommitter(ctx.db, ctx.store)
+
     def handle_store(event: Any) -> int | Dataset:
         started = time.monotonic()
         log = logs.assoc_logger(event.assoc)
@@ -280,6 +434,7 @@ def make_handler(
             outcome = store_instance(
                 ctx,
                 settings,
+                committer,
                 data=data,
                 spans=spans,
                 record=record,
@@ -312,6 +467,7 @@ def make_handler(
             stored_uid=outcome.stored_uid,
             patient_id=outcome.patient_id,
             path=outcome.relative_path,
+            group=outcome.group,
             coerced=[f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in outcome.coerced],
             elapsed_ms=round((time.monotonic() - started) * 1000, 1),
             **fields,
