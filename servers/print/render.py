@@ -17,8 +17,10 @@ round(D x 1000), and a JSON sidecar with the effective attributes.
 from __future__ import annotations
 
 import math
+import sys
 from array import array
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +70,22 @@ def luminance_of_density(density: float, illumination: float, ambient: float) ->
     return ambient + illumination * 10 ** (-density)
 
 
+@lru_cache(maxsize=64)
+def _index_range(
+    illumination: float, ambient: float, d_min: float, d_max: float
+) -> tuple[float, float]:
+    """JND indices of the darkest and the lightest density (constant for a film)."""
+    return (
+        gsdf_index(luminance_of_density(d_max, illumination, ambient)),
+        gsdf_index(luminance_of_density(d_min, illumination, ambient)),
+    )
+
+
 def optical_density(
     p: float, p_max: float, illumination: float, ambient: float, d_min: float, d_max: float
 ) -> float:
     """Density for P-value ``p`` of ``p_max`` (PS3.14 §7.2, D.2.2)."""
-    j_min = gsdf_index(luminance_of_density(d_max, illumination, ambient))
-    j_max = gsdf_index(luminance_of_density(d_min, illumination, ambient))
+    j_min, j_max = _index_range(illumination, ambient, d_min, d_max)
     j = j_min + (p / p_max) * (j_max - j_min) if p_max else j_min
     lum = gsdf_luminance(j)
     if lum <= ambient:
@@ -101,8 +113,7 @@ class Tone:
 
     def gray(self, d: float) -> int:
         """8-bit gray of density ``d`` as viewed: linear in the GSDF JND index."""
-        j_dark = gsdf_index(luminance_of_density(self.d_max, self.illumination, self.ambient))
-        j_light = gsdf_index(luminance_of_density(self.d_min, self.illumination, self.ambient))
+        j_dark, j_light = _index_range(self.illumination, self.ambient, self.d_min, self.d_max)
         if j_light <= j_dark:
             return 255
         j = gsdf_index(luminance_of_density(d, self.illumination, self.ambient))
@@ -127,7 +138,9 @@ class ImageSpec:
     columns: int
     bits_stored: int
     signed: bool
-    values: list[int]
+    # Stored values 0 .. 2^BitsStored - 1, row by row: two bytes a pixel, not a list of
+    # Python ints (a 512x512 image is 0.5 MB instead of ~9 MB).
+    values: array[int]
     monochrome1: bool
     polarity: str
     magnification: str
@@ -255,6 +268,52 @@ def density_table(image: ImageSpec, film: FilmSpec) -> list[float]:
     return out
 
 
+# Stored values as a Pillow image of 16-bit pixels in the machine's byte order.
+_NATIVE_16 = "I;16" if sys.byteorder == "little" else "I;16B"
+_TABLE_SIZE = 1 << 16  # Pillow maps a mode "I" image through a 65,536-entry table
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Per stored value: the 8-bit gray as viewed, and the density in 1/1000 OD split
+    into its low and high bytes (Pillow's lookups on mode "I" images yield 8 bits)."""
+
+    gray: list[int]
+    milli_low: list[int]
+    milli_high: list[int]
+
+
+def _tables(image: ImageSpec, film: FilmSpec) -> _Tables:
+    densities = density_table(image, film)
+    grays: dict[float, int] = {}
+    gray, low, high = [], [], []
+    for d in densities:
+        g = grays.get(d)
+        if g is None:
+            g = grays[d] = film.tone.gray(d)
+        milli = round(d * 1000)
+        if not 0 <= milli < _TABLE_SIZE:
+            raise ValueError(f"density {d} outside the density map's range")
+        gray.append(g)
+        low.append(milli & 0xFF)
+        high.append(milli >> 8)
+    pad = [0] * (_TABLE_SIZE - len(densities))
+    return _Tables(gray + pad, low + pad, high + pad)
+
+
+def _image_pair(image: ImageSpec, tables: _Tables) -> tuple[Image.Image, Image.Image]:
+    """The image as viewed (mode "L") and as densities (mode "I", 1/1000 OD), mapped
+    through the film's tables by Pillow rather than pixel by pixel in Python."""
+    size = (image.columns, image.rows)
+    stored = Image.frombytes(_NATIVE_16, size, image.values.tobytes()).convert("I")
+    view = stored.point(tables.gray, "L")
+    pairs = bytearray(2 * image.columns * image.rows)
+    pairs[0::2] = stored.point(tables.milli_low, "L").tobytes()
+    pairs[1::2] = stored.point(tables.milli_high, "L").tobytes()
+    dens = Image.frombytes("I;16", size, bytes(pairs)).convert("I")
+    return view, dens
+
+
 RESAMPLE = {
     "REPLICATE": Image.Resampling.NEAREST,
     "BILINEAR": Image.Resampling.BILINEAR,
@@ -310,21 +369,20 @@ def render_film(
     draw_v = ImageDraw.Draw(view)
     draw_d = ImageDraw.Draw(dens)
     placements: list[Placement] = []
+    # Images sharing depth, polarity and LUT share their tables (one per film, usually).
+    tables: dict[tuple[int, bool, Lut], _Tables] = {}
     for index, (bx, by, bw, bh) in enumerate(boxes, start=1):
         image = film.images.get(index)
         ih = max(1, bh - text_band)
         if image is not None:
-            table = density_table(image, film)
-            grays = bytes(tone.gray(d) for d in table)
-            milli = [round(d * 1000) for d in table]
-            view_img = Image.frombytes(
-                "L", (image.columns, image.rows), bytes(grays[v] for v in image.values)
+            key = (
+                image.bits_stored,
+                image.monochrome1 != (image.polarity == "REVERSE"),
+                image.lut or film.lut or Lut(),
             )
-            dens_img = Image.frombytes(
-                "I",
-                (image.columns, image.rows),
-                array("i", (milli[v] for v in image.values)).tobytes(),
-            )
+            if key not in tables:
+                tables[key] = _tables(image, film)
+            view_img, dens_img = _image_pair(image, tables[key])
             tw, th = _target_size(image, film, bw, ih, scale, spacing, oversize_policy)
             magnification = image.magnification or film.magnification
             smoothing = image.smoothing if image.magnification else film.smoothing

@@ -9,7 +9,9 @@ transaction. A session aborted midway therefore leaves no half job behind.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -1150,23 +1152,31 @@ class PrintServer:
         return job_uid
 
 
-def _decode(pixel: bytes, count: int, alloc: int, stored: int, signed: int) -> list[int]:
-    """Stored values 0 .. 2^stored - 1 (signed data offset by 2^(stored-1))."""
+def _decode(pixel: bytes, count: int, alloc: int, stored: int, signed: int) -> array[int]:
+    """Stored values 0 .. 2^stored - 1 (signed data offset by 2^(stored-1)), two bytes each.
+
+    Whole-buffer operations only: a film's N-SETs must not hold the interpreter for
+    seconds (the print queue renders the previous film meanwhile).
+    """
     mask = (1 << stored) - 1
+    # Masking, and for signed data the offset: (v & mask) ^ 2^(stored-1) equals
+    # (v & mask) - 2^stored + 2^(stored-1) when the sign bit is set, else v + 2^(stored-1).
+    flip = 1 << (stored - 1) if signed else 0
     if alloc == 8:
-        raw = list(pixel[:count])
-    else:
-        raw = [int.from_bytes(pixel[i : i + 2], "little") for i in range(0, count * 2, 2)]
-    if signed:
-        half = 1 << (stored - 1)
-        out = []
-        for v in raw:
-            v &= mask
-            if v & half:
-                v -= 1 << stored
-            out.append(v + half)
-        return out
-    return [v & mask for v in raw]
+        raw = pixel[:count]
+        if mask != 0xFF or flip:
+            raw = raw.translate(bytes((v & mask) ^ flip for v in range(256)))
+        widened = array("H")
+        widened.extend(raw)  # one value per byte (the constructor would pair the bytes)
+        return widened
+    values = array("H")
+    values.frombytes(pixel[: count * 2])
+    if sys.byteorder != "little":
+        values.byteswap()
+    if flip or (mask != 0xFFFF and max(values, default=0) > mask):
+        table = [(v & mask) ^ flip for v in range(1 << 16)]
+        values = array("H", map(table.__getitem__, values))
+    return values
 
 
 def handler_map(server: PrintServer, statuses: Mapping[str, StatusTable]) -> dict[Any, Any]:
