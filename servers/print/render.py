@@ -301,17 +301,43 @@ def _tables(image: ImageSpec, film: FilmSpec) -> _Tables:
     return _Tables(gray + pad, low + pad, high + pad)
 
 
-def _image_pair(image: ImageSpec, tables: _Tables) -> tuple[Image.Image, Image.Image]:
-    """The image as viewed (mode "L") and as densities (mode "I", 1/1000 OD), mapped
-    through the film's tables by Pillow rather than pixel by pixel in Python."""
-    size = (image.columns, image.rows)
-    stored = Image.frombytes(_NATIVE_16, size, image.values.tobytes()).convert("I")
-    view = stored.point(tables.gray, "L")
-    pairs = bytearray(2 * image.columns * image.rows)
-    pairs[0::2] = stored.point(tables.milli_low, "L").tobytes()
-    pairs[1::2] = stored.point(tables.milli_high, "L").tobytes()
-    dens = Image.frombytes("I;16", size, bytes(pairs)).convert("I")
-    return view, dens
+def _map_images(
+    images: dict[int, ImageSpec], tables: _Tables
+) -> dict[int, tuple[Image.Image, Image.Image]]:
+    """Each image as viewed (mode "L") and as densities (mode "I;16", 1/1000 OD), by
+    position. Pillow applies the tables, not Python pixel by pixel; the images sharing
+    them are stacked into one so that each table is prepared once per film (Pillow
+    converts a 65,536-entry table value by value on every call)."""
+    narrow = all(i.bits_stored <= 8 for i in images.values())
+    width = max(i.columns for i in images.values())
+    height = sum(i.rows for i in images.values())
+    stack = Image.new("L" if narrow else "I", (width, height))
+    top = 0
+    for image in images.values():
+        size = (image.columns, image.rows)
+        if narrow:
+            # Values below 256: the low byte of each little-endian pair.
+            raw = image.values.tobytes()[0 if sys.byteorder == "little" else 1 :: 2]
+            stack.paste(Image.frombytes("L", size, raw), (0, top))
+        else:
+            stored = Image.frombytes(_NATIVE_16, size, image.values.tobytes())
+            stack.paste(stored.convert("I"), (0, top))
+        top += image.rows
+    entries = 256 if narrow else _TABLE_SIZE
+    view = stack.point(tables.gray[:entries], "L")
+    pairs = bytearray(2 * width * height)
+    pairs[0::2] = stack.point(tables.milli_low[:entries], "L").tobytes()
+    pairs[1::2] = stack.point(tables.milli_high[:entries], "L").tobytes()
+    del stack
+    dens = Image.frombytes("I;16", (width, height), bytes(pairs))
+    del pairs
+    out: dict[int, tuple[Image.Image, Image.Image]] = {}
+    top = 0
+    for position, image in images.items():
+        box = (0, top, image.columns, top + image.rows)
+        out[position] = (view.crop(box), dens.crop(box))
+        top += image.rows
+    return out
 
 
 RESAMPLE = {
@@ -370,19 +396,25 @@ def render_film(
     draw_d = ImageDraw.Draw(dens)
     placements: list[Placement] = []
     # Images sharing depth, polarity and LUT share their tables (one per film, usually).
-    tables: dict[tuple[int, bool, Lut], _Tables] = {}
+    groups: dict[tuple[int, bool, Lut], dict[int, ImageSpec]] = {}
+    for position, spec in film.images.items():
+        if not 1 <= position <= len(boxes):
+            continue
+        key = (
+            spec.bits_stored,
+            spec.monochrome1 != (spec.polarity == "REVERSE"),
+            spec.lut or film.lut or Lut(),
+        )
+        groups.setdefault(key, {})[position] = spec
+    mapped: dict[int, tuple[Image.Image, Image.Image]] = {}
+    for members in groups.values():
+        mapped.update(_map_images(members, _tables(next(iter(members.values())), film)))
     for index, (bx, by, bw, bh) in enumerate(boxes, start=1):
         image = film.images.get(index)
         ih = max(1, bh - text_band)
         if image is not None:
-            key = (
-                image.bits_stored,
-                image.monochrome1 != (image.polarity == "REVERSE"),
-                image.lut or film.lut or Lut(),
-            )
-            if key not in tables:
-                tables[key] = _tables(image, film)
-            view_img, dens_img = _image_pair(image, tables[key])
+            view_img, dens_img = mapped.pop(index)
+            dens_img = dens_img.convert("I")
             tw, th = _target_size(image, film, bw, ih, scale, spacing, oversize_policy)
             magnification = image.magnification or film.magnification
             smoothing = image.smoothing if image.magnification else film.smoothing

@@ -1165,18 +1165,29 @@ def _decode(pixel: bytes, count: int, alloc: int, stored: int, signed: int) -> a
     if alloc == 8:
         raw = pixel[:count]
         if mask != 0xFF or flip:
-            raw = raw.translate(bytes((v & mask) ^ flip for v in range(256)))
-        widened = array("H")
-        widened.extend(raw)  # one value per byte (the constructor would pair the bytes)
-        return widened
+            raw = raw.translate(_byte_table(mask, flip))
+        pairs = bytearray(2 * len(raw))
+        pairs[0::2] = raw  # each value as a little-endian pair with a zero high byte
+        raw = bytes(pairs)
+    else:
+        # Little-endian pairs: AND and XOR act on each byte alone, so bytes.translate
+        # does both halves; a value above the mask shows as a high byte above its mask.
+        raw = pixel[: count * 2]
+        high = raw[1::2]
+        if flip or high.translate(None, bytes(range((mask >> 8) + 1))):
+            pairs = bytearray(raw)
+            pairs[0::2] = raw[0::2].translate(_byte_table(mask & 0xFF, flip & 0xFF))
+            pairs[1::2] = high.translate(_byte_table(mask >> 8, flip >> 8))
+            raw = bytes(pairs)
     values = array("H")
-    values.frombytes(pixel[: count * 2])
+    values.frombytes(raw)
     if sys.byteorder != "little":
         values.byteswap()
-    if flip or (mask != 0xFFFF and max(values, default=0) > mask):
-        table = [(v & mask) ^ flip for v in range(1 << 16)]
-        values = array("H", map(table.__getitem__, values))
     return values
+
+
+def _byte_table(mask: int, flip: int) -> bytes:
+    return bytes((v & mask) ^ flip for v in range(256))
 
 
 def handler_map(server: PrintServer, statuses: Mapping[str, StatusTable]) -> dict[Any, Any]:
