@@ -271,6 +271,8 @@ def density_table(image: ImageSpec, film: FilmSpec) -> list[float]:
 # Stored values as a Pillow image of 16-bit pixels in the machine's byte order.
 _NATIVE_16 = "I;16" if sys.byteorder == "little" else "I;16B"
 _TABLE_SIZE = 1 << 16  # Pillow maps a mode "I" image through a 65,536-entry table
+# Pixels mapped in one stack: bounds the stack's memory (~10 bytes a pixel while mapped).
+STACK_PIXELS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,7 @@ def _map_images(
     pairs[0::2] = stack.point(tables.milli_low[:entries], "L").tobytes()
     pairs[1::2] = stack.point(tables.milli_high[:entries], "L").tobytes()
     del stack
-    dens = Image.frombytes("I;16", (width, height), bytes(pairs))
+    dens = Image.frombytes("I;16", (width, height), pairs)
     del pairs
     out: dict[int, tuple[Image.Image, Image.Image]] = {}
     top = 0
@@ -408,7 +410,17 @@ def render_film(
         groups.setdefault(key, {})[position] = spec
     mapped: dict[int, tuple[Image.Image, Image.Image]] = {}
     for members in groups.values():
-        mapped.update(_map_images(members, _tables(next(iter(members.values())), film)))
+        table = _tables(next(iter(members.values())), film)
+        batch: dict[int, ImageSpec] = {}
+        pixels = 0
+        for position, spec in members.items():
+            batch[position] = spec
+            pixels += spec.rows * spec.columns
+            if pixels >= STACK_PIXELS:
+                mapped.update(_map_images(batch, table))
+                batch, pixels = {}, 0
+        if batch:
+            mapped.update(_map_images(batch, table))
     for index, (bx, by, bw, bh) in enumerate(boxes, start=1):
         image = film.images.get(index)
         ih = max(1, bh - text_band)
