@@ -310,3 +310,44 @@ def test_cli_add_import_list_remove_mpps(
     assert "ACC1" in out and "Renée^Zoë" in out and "SPS2" not in out and "P3" not in out
     assert main(["worklist", "mpps", *data]) == 0
     assert main(["worklist", "mpps", "--exceptions", *data]) == 0
+
+
+def test_wildcards_and_sql_characters_match_literally(suite: Suite) -> None:
+    """``%``, ``_``, ``[`` and ``!`` in values are ordinary characters; only ``*`` and ``?``
+    are wildcards, and Patient's Name folds case while the other keys do not."""
+    add_entry(suite, PatientID="P%1", PatientName="O'NEIL_X^ANN", ScheduledStationAETitle="CT[1]")
+    add_entry(suite, PatientID="PX1", PatientName="ONEILXX^ANN", ScheduledStationAETitle="CT11")
+    add_entry(suite, PatientID="p!1", PatientName="Straße^Eva^^", ScheduledStationAETitle="ct1")
+
+    def ids(identifier: Dataset) -> list[str]:
+        return sorted(str(ds.PatientID) for _, ds in mwl_find(suite, identifier) if ds is not None)
+
+    assert ids(mwl_identifier(PatientID="P%*")) == ["P%1"]
+    assert ids(mwl_identifier(PatientID="P?1")) == ["P%1", "PX1"]
+    assert ids(mwl_identifier(PatientID="p*")) == ["p!1"]
+    assert ids(mwl_identifier(PatientID="P!?")) == []
+    assert ids(mwl_identifier(PatientName="o'neil_*")) == ["P%1"]
+    assert ids(mwl_identifier(PatientName="O?NEIL?X^ANN")) == ["P%1"]
+    assert ids(mwl_identifier(PatientName="*^ann")) == ["P%1", "PX1"]
+    # Case folding before matching: ß folds to "ss", the trailing ^ are not compared.
+    assert ids(mwl_identifier(PatientName="STRASSE^EVA")) == ["p!1"]
+    assert ids(mwl_identifier(PatientName="stra?e*")) == []
+    assert ids(mwl_identifier(sps={"ScheduledStationAETitle": "CT[1]"})) == ["P%1"]
+    assert ids(mwl_identifier(sps={"ScheduledStationAETitle": "CT[*"})) == ["P%1"]
+    assert ids(mwl_identifier(sps={"ScheduledStationAETitle": "C*1"})) == ["PX1"]
+
+
+def test_performing_physician_matched_on_alphabetic_group(suite: Suite) -> None:
+    add_entry(suite, PatientID="P1", ScheduledPerformingPhysicianName="HOUSE^GREG^^=ハウス")
+    add_entry(suite, PatientID="P2", ScheduledPerformingPhysicianName="HOUSEMAN^AL")
+
+    def ids(physician: str) -> list[str]:
+        identifier = mwl_identifier(sps={"ScheduledPerformingPhysicianName": physician})
+        identifier.SpecificCharacterSet = "ISO_IR 192"
+        return sorted(str(ds.PatientID) for _, ds in mwl_find(suite, identifier) if ds is not None)
+
+    assert ids("HOUSE^GREG") == ["P1"]
+    assert ids("HOUSE*") == ["P1", "P2"]
+    assert ids("*GREG") == ["P1"]
+    assert ids("HOUSE^GREG^^=ハウス") == ["P1"]
+    assert ids("*ハウス") == []

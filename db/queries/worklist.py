@@ -2,8 +2,14 @@
 
 Every function takes a :class:`~sqlalchemy.orm.Session`; the caller owns the
 transaction (``Database.read()`` for lookups, ``Database.write()`` for changes).
-Equality and range keys are filtered here; wildcard and case-insensitive person
-name matching are finished by the caller on the returned rows.
+Matching keys are filtered here in SQL wherever SQL says exactly what the
+statement says: equality, the start-date range and ``*``/``?`` wildcards (an
+escaped ``LIKE`` on PostgreSQL, a case-sensitive ``GLOB`` on SQLite, as for the
+archive's C-FIND). Patient's Name is matched on ``patient_name_key``, the stored
+case-folded alphabetic group, with a case-folded pattern, so the case rule holds
+on both databases. The caller finishes what SQL cannot express on the few light
+rows returned (the performing physician's alphabetic group, start date and time
+as one range) and only then loads the entries it answers with.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db.models import ScheduledStep, utcnow
+from db.queries.find import LIKE_ESCAPE, glob_pattern, like_pattern
 
 
 @dataclass(frozen=True)
@@ -41,18 +48,49 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class StepFilter:
-    """What the database can decide: exact values and an inclusive start-date range."""
+    """What the database decides: exact values, DICOM wildcard patterns (``*``/``?``,
+    every other character literal) and an inclusive start-date range.
+
+    Keys of ``equal`` and ``wildcard`` name columns of :data:`MATCH_COLUMNS`; the
+    ``patient_name_key`` value must already be case-folded. ``prefix`` patterns
+    match the start of the stored value (a superset the caller narrows).
+    """
 
     equal: dict[str, str] = field(default_factory=dict)
+    wildcard: dict[str, str] = field(default_factory=dict)
+    prefix: dict[str, str] = field(default_factory=dict)
     date_low: str = ""
     date_high: str = ""
 
 
-_EQUAL_COLUMNS = {
+@dataclass(frozen=True)
+class StepCandidate:
+    """The columns the caller still matches on, without the stored entry."""
+
+    id: int
+    sps_id: str
+    start_date: str
+    start_time: str
+    performing_physician: str
+
+
+MATCH_COLUMNS: dict[str, InstrumentedAttribute[str]] = {
     "patient_id": ScheduledStep.patient_id,
+    "patient_name_key": ScheduledStep.patient_name_key,
     "modality": ScheduledStep.modality,
     "station_ae": ScheduledStep.station_ae,
+    "performing_physician": ScheduledStep.performing_physician,
 }
+
+
+def _wildcard(
+    column: InstrumentedAttribute[str], pattern: str, dialect: str
+) -> ColumnElement[bool]:
+    # SQLite's LIKE ignores ASCII case, so there the case-sensitive GLOB; wildcards
+    # and escaping come from the archive's C-FIND so that both say the same.
+    if dialect == "sqlite":
+        return column.op("GLOB")(glob_pattern(pattern))
+    return column.like(like_pattern(pattern), escape=LIKE_ESCAPE)
 
 
 def existing_sps_ids(session: Session, sps_ids: Iterable[str]) -> set[str]:
@@ -103,17 +141,45 @@ def add_steps(session: Session, records: Sequence[StepRecord]) -> list[Scheduled
     return rows
 
 
-def candidate_steps(session: Session, where: StepFilter) -> list[ScheduledStep]:
-    """Entries still on the worklist that pass the database-side conditions, in schedule order."""
-    query = select(ScheduledStep).where(ScheduledStep.removed.is_(False))
+def candidate_steps(session: Session, where: StepFilter) -> list[StepCandidate]:
+    """Entries still on the worklist that pass the database-side conditions, in schedule
+    order: the matching columns only, so a broad query decodes no stored entry."""
+    dialect = session.get_bind().dialect.name
+    query = select(
+        ScheduledStep.id,
+        ScheduledStep.sps_id,
+        ScheduledStep.start_date,
+        ScheduledStep.start_time,
+        ScheduledStep.performing_physician,
+    ).where(ScheduledStep.removed.is_(False))
     for name, value in where.equal.items():
-        query = query.where(_EQUAL_COLUMNS[name] == value)
+        query = query.where(MATCH_COLUMNS[name] == value)
+    for name, pattern in where.wildcard.items():
+        query = query.where(_wildcard(MATCH_COLUMNS[name], pattern, dialect))
+    for name, pattern in where.prefix.items():
+        query = query.where(_wildcard(MATCH_COLUMNS[name], pattern + "*", dialect))
     if where.date_low:
         query = query.where(ScheduledStep.start_date >= where.date_low)
     if where.date_high:
         query = query.where(ScheduledStep.start_date <= where.date_high)
     query = query.order_by(ScheduledStep.start_date, ScheduledStep.start_time, ScheduledStep.id)
-    return list(session.scalars(query))
+    return [StepCandidate(*row) for row in session.execute(query)]
+
+
+# Bound parameters per IN list: SQLite allows 32,766 per statement, older builds 999.
+_IDS_PER_QUERY = 900
+
+
+def step_datasets(session: Session, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The stored entries (DICOM JSON) of the steps ``ids``, by id."""
+    found: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start : start + _IDS_PER_QUERY]
+        rows = session.execute(
+            select(ScheduledStep.id, ScheduledStep.dataset).where(ScheduledStep.id.in_(chunk))
+        )
+        found.update({row_id: dataset for row_id, dataset in rows})
+    return found
 
 
 def list_steps(session: Session, include_removed: bool = False) -> list[ScheduledStep]:

@@ -17,8 +17,10 @@ round(D x 1000), and a JSON sidecar with the effective attributes.
 from __future__ import annotations
 
 import math
+import sys
 from array import array
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +70,22 @@ def luminance_of_density(density: float, illumination: float, ambient: float) ->
     return ambient + illumination * 10 ** (-density)
 
 
+@lru_cache(maxsize=64)
+def _index_range(
+    illumination: float, ambient: float, d_min: float, d_max: float
+) -> tuple[float, float]:
+    """JND indices of the darkest and the lightest density (constant for a film)."""
+    return (
+        gsdf_index(luminance_of_density(d_max, illumination, ambient)),
+        gsdf_index(luminance_of_density(d_min, illumination, ambient)),
+    )
+
+
 def optical_density(
     p: float, p_max: float, illumination: float, ambient: float, d_min: float, d_max: float
 ) -> float:
     """Density for P-value ``p`` of ``p_max`` (PS3.14 §7.2, D.2.2)."""
-    j_min = gsdf_index(luminance_of_density(d_max, illumination, ambient))
-    j_max = gsdf_index(luminance_of_density(d_min, illumination, ambient))
+    j_min, j_max = _index_range(illumination, ambient, d_min, d_max)
     j = j_min + (p / p_max) * (j_max - j_min) if p_max else j_min
     lum = gsdf_luminance(j)
     if lum <= ambient:
@@ -101,8 +113,7 @@ class Tone:
 
     def gray(self, d: float) -> int:
         """8-bit gray of density ``d`` as viewed: linear in the GSDF JND index."""
-        j_dark = gsdf_index(luminance_of_density(self.d_max, self.illumination, self.ambient))
-        j_light = gsdf_index(luminance_of_density(self.d_min, self.illumination, self.ambient))
+        j_dark, j_light = _index_range(self.illumination, self.ambient, self.d_min, self.d_max)
         if j_light <= j_dark:
             return 255
         j = gsdf_index(luminance_of_density(d, self.illumination, self.ambient))
@@ -127,7 +138,9 @@ class ImageSpec:
     columns: int
     bits_stored: int
     signed: bool
-    values: list[int]
+    # Stored values 0 .. 2^BitsStored - 1, row by row: two bytes a pixel, not a list of
+    # Python ints (a 512x512 image is 0.5 MB instead of ~9 MB).
+    values: array[int]
     monochrome1: bool
     polarity: str
     magnification: str
@@ -255,6 +268,80 @@ def density_table(image: ImageSpec, film: FilmSpec) -> list[float]:
     return out
 
 
+# Stored values as a Pillow image of 16-bit pixels in the machine's byte order.
+_NATIVE_16 = "I;16" if sys.byteorder == "little" else "I;16B"
+_TABLE_SIZE = 1 << 16  # Pillow maps a mode "I" image through a 65,536-entry table
+# Pixels mapped in one stack: bounds the stack's memory (~10 bytes a pixel while mapped).
+STACK_PIXELS = 1 << 21
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Per stored value: the 8-bit gray as viewed, and the density in 1/1000 OD split
+    into its low and high bytes (Pillow's lookups on mode "I" images yield 8 bits)."""
+
+    gray: list[int]
+    milli_low: list[int]
+    milli_high: list[int]
+
+
+def _tables(image: ImageSpec, film: FilmSpec) -> _Tables:
+    densities = density_table(image, film)
+    grays: dict[float, int] = {}
+    gray, low, high = [], [], []
+    for d in densities:
+        g = grays.get(d)
+        if g is None:
+            g = grays[d] = film.tone.gray(d)
+        milli = round(d * 1000)
+        if not 0 <= milli < _TABLE_SIZE:
+            raise ValueError(f"density {d} outside the density map's range")
+        gray.append(g)
+        low.append(milli & 0xFF)
+        high.append(milli >> 8)
+    pad = [0] * (_TABLE_SIZE - len(densities))
+    return _Tables(gray + pad, low + pad, high + pad)
+
+
+def _map_images(
+    images: dict[int, ImageSpec], tables: _Tables
+) -> dict[int, tuple[Image.Image, Image.Image]]:
+    """Each image as viewed (mode "L") and as densities (mode "I;16", 1/1000 OD), by
+    position. Pillow applies the tables, not Python pixel by pixel; the images sharing
+    them are stacked into one so that each table is prepared once per film (Pillow
+    converts a 65,536-entry table value by value on every call)."""
+    narrow = all(i.bits_stored <= 8 for i in images.values())
+    width = max(i.columns for i in images.values())
+    height = sum(i.rows for i in images.values())
+    stack = Image.new("L" if narrow else "I", (width, height))
+    top = 0
+    for image in images.values():
+        size = (image.columns, image.rows)
+        if narrow:
+            # Values below 256: the low byte of each little-endian pair.
+            raw = image.values.tobytes()[0 if sys.byteorder == "little" else 1 :: 2]
+            stack.paste(Image.frombytes("L", size, raw), (0, top))
+        else:
+            stored = Image.frombytes(_NATIVE_16, size, image.values.tobytes())
+            stack.paste(stored.convert("I"), (0, top))
+        top += image.rows
+    entries = 256 if narrow else _TABLE_SIZE
+    view = stack.point(tables.gray[:entries], "L")
+    pairs = bytearray(2 * width * height)
+    pairs[0::2] = stack.point(tables.milli_low[:entries], "L").tobytes()
+    pairs[1::2] = stack.point(tables.milli_high[:entries], "L").tobytes()
+    del stack
+    dens = Image.frombytes("I;16", (width, height), pairs)
+    del pairs
+    out: dict[int, tuple[Image.Image, Image.Image]] = {}
+    top = 0
+    for position, image in images.items():
+        box = (0, top, image.columns, top + image.rows)
+        out[position] = (view.crop(box), dens.crop(box))
+        top += image.rows
+    return out
+
+
 RESAMPLE = {
     "REPLICATE": Image.Resampling.NEAREST,
     "BILINEAR": Image.Resampling.BILINEAR,
@@ -310,21 +397,36 @@ def render_film(
     draw_v = ImageDraw.Draw(view)
     draw_d = ImageDraw.Draw(dens)
     placements: list[Placement] = []
+    # Images sharing depth, polarity and LUT share their tables (one per film, usually).
+    groups: dict[tuple[int, bool, Lut], dict[int, ImageSpec]] = {}
+    for position, spec in film.images.items():
+        if not 1 <= position <= len(boxes):
+            continue
+        key = (
+            spec.bits_stored,
+            spec.monochrome1 != (spec.polarity == "REVERSE"),
+            spec.lut or film.lut or Lut(),
+        )
+        groups.setdefault(key, {})[position] = spec
+    mapped: dict[int, tuple[Image.Image, Image.Image]] = {}
+    for members in groups.values():
+        table = _tables(next(iter(members.values())), film)
+        batch: dict[int, ImageSpec] = {}
+        pixels = 0
+        for position, spec in members.items():
+            batch[position] = spec
+            pixels += spec.rows * spec.columns
+            if pixels >= STACK_PIXELS:
+                mapped.update(_map_images(batch, table))
+                batch, pixels = {}, 0
+        if batch:
+            mapped.update(_map_images(batch, table))
     for index, (bx, by, bw, bh) in enumerate(boxes, start=1):
         image = film.images.get(index)
         ih = max(1, bh - text_band)
         if image is not None:
-            table = density_table(image, film)
-            grays = bytes(tone.gray(d) for d in table)
-            milli = [round(d * 1000) for d in table]
-            view_img = Image.frombytes(
-                "L", (image.columns, image.rows), bytes(grays[v] for v in image.values)
-            )
-            dens_img = Image.frombytes(
-                "I",
-                (image.columns, image.rows),
-                array("i", (milli[v] for v in image.values)).tobytes(),
-            )
+            view_img, dens_img = mapped.pop(index)
+            dens_img = dens_img.convert("I")
             tw, th = _target_size(image, film, bw, ih, scale, spacing, oversize_policy)
             magnification = image.magnification or film.magnification
             smoothing = image.smoothing if image.magnification else film.smoothing

@@ -9,7 +9,9 @@ transaction. A session aborted midway therefore leaves no half job behind.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -1163,23 +1165,42 @@ class PrintServer:
         return job_uid
 
 
-def _decode(pixel: bytes, count: int, alloc: int, stored: int, signed: int) -> list[int]:
-    """Stored values 0 .. 2^stored - 1 (signed data offset by 2^(stored-1))."""
+def _decode(pixel: bytes, count: int, alloc: int, stored: int, signed: int) -> array[int]:
+    """Stored values 0 .. 2^stored - 1 (signed data offset by 2^(stored-1)), two bytes each.
+
+    Whole-buffer operations only: a film's N-SETs must not hold the interpreter for
+    seconds (the print queue renders the previous film meanwhile).
+    """
     mask = (1 << stored) - 1
+    # Masking, and for signed data the offset: (v & mask) ^ 2^(stored-1) equals
+    # (v & mask) - 2^stored + 2^(stored-1) when the sign bit is set, else v + 2^(stored-1).
+    flip = 1 << (stored - 1) if signed else 0
     if alloc == 8:
-        raw = list(pixel[:count])
+        raw = pixel[:count]
+        if mask != 0xFF or flip:
+            raw = raw.translate(_byte_table(mask, flip))
+        pairs = bytearray(2 * len(raw))
+        pairs[0::2] = raw  # each value as a little-endian pair with a zero high byte
+        raw = bytes(pairs)
     else:
-        raw = [int.from_bytes(pixel[i : i + 2], "little") for i in range(0, count * 2, 2)]
-    if signed:
-        half = 1 << (stored - 1)
-        out = []
-        for v in raw:
-            v &= mask
-            if v & half:
-                v -= 1 << stored
-            out.append(v + half)
-        return out
-    return [v & mask for v in raw]
+        # Little-endian pairs: AND and XOR act on each byte alone, so bytes.translate
+        # does both halves; a value above the mask shows as a high byte above its mask.
+        raw = pixel[: count * 2]
+        high = raw[1::2]
+        if flip or high.translate(None, bytes(range((mask >> 8) + 1))):
+            pairs = bytearray(raw)
+            pairs[0::2] = raw[0::2].translate(_byte_table(mask & 0xFF, flip & 0xFF))
+            pairs[1::2] = high.translate(_byte_table(mask >> 8, flip >> 8))
+            raw = bytes(pairs)
+    values = array("H")
+    values.frombytes(raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
+
+
+def _byte_table(mask: int, flip: int) -> bytes:
+    return bytes((v & mask) ^ flip for v in range(256))
 
 
 def handler_map(server: PrintServer, statuses: Mapping[str, StatusTable]) -> dict[Any, Any]:

@@ -17,8 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import ScheduledStep
-from db.queries.worklist import StepFilter, candidate_steps
+from db.queries.worklist import StepCandidate, StepFilter, candidate_steps, step_datasets
 from db.values import normalize_time, valid_date
 from servers.core import logs
 from servers.core.context import ServiceContext
@@ -183,23 +182,27 @@ class WorklistQuery:
     unsupported: list[str] = field(default_factory=list)
 
     def database_filter(self) -> StepFilter:
-        equal = {
-            name: p.value
-            for name, p in self.patterns.items()
-            if p.regex is None and name in ("patient_id", "modality", "station_ae")
-        }
+        equal: dict[str, str] = {}
+        wildcard: dict[str, str] = {}
+        prefix: dict[str, str] = {}
+        for name, p in self.patterns.items():
+            if name == "performing_physician":
+                # Matched on the alphabetic group, a prefix of the stored value:
+                # SQL narrows, :meth:`matches` decides.
+                prefix[name] = p.value
+            elif p.regex is None:
+                equal[SQL_COLUMNS[name]] = p.value
+            else:
+                wildcard[SQL_COLUMNS[name]] = p.value
         low, high = self.date_range or ("", "")
-        return StepFilter(equal=equal, date_low=low, date_high=high)
+        return StepFilter(
+            equal=equal, wildcard=wildcard, prefix=prefix, date_low=low, date_high=high
+        )
 
-    def matches(self, step: ScheduledStep) -> bool:
-        stored = {
-            "patient_id": step.patient_id,
-            "patient_name": alphabetic(step.patient_name).casefold(),
-            "modality": step.modality,
-            "station_ae": step.station_ae,
-            "performing_physician": alphabetic(step.performing_physician),
-        }
-        if not all(p.matches(stored[name]) for name, p in self.patterns.items()):
+    def matches(self, step: StepCandidate) -> bool:
+        """The rules :meth:`database_filter` leaves to Python, on a candidate row."""
+        physician = self.patterns.get("performing_physician")
+        if physician is not None and not physician.matches(alphabetic(step.performing_physician)):
             return False
         when_time = step.start_time or ""
         if self.date_range is not None:
@@ -316,6 +319,8 @@ MATCH_COLUMNS = {
     "ScheduledStationAETitle": "station_ae",
     "ScheduledPerformingPhysicianName": "performing_physician",
 }
+# Patient's Name is matched on the stored case-folded alphabetic group.
+SQL_COLUMNS = {**{c: c for c in MATCH_COLUMNS.values()}, "patient_name": "patient_name_key"}
 
 
 def _match_key(query: WorklistQuery, key: Key, value: str) -> None:
@@ -411,12 +416,14 @@ def _parse_sps(
 # --- responses -----------------------------------------------------------------------
 
 
-def _copy(target: Dataset, source: Dataset, key: Key) -> None:
-    element = source.get_item(key.tag)
-    if element is not None:
-        target[key.tag] = source[key.tag]
-    else:
-        target.add_new(key.tag, key.vr, [] if key.vr == "SQ" else None)
+def _json_tag(tag: int) -> str:
+    return f"{tag:08X}"
+
+
+def _pick(stored: dict[str, Any], keys: list[Key]) -> dict[str, Any]:
+    """The requested keys of a stored entry (DICOM JSON), zero-length when it has none:
+    only these are decoded into a data set, not the whole entry."""
+    return {_json_tag(k.tag): stored.get(_json_tag(k.tag)) or {"vr": k.vr} for k in keys}
 
 
 def _needs(values: Dataset) -> str:
@@ -431,21 +438,21 @@ def _needs(values: Dataset) -> str:
     return LATIN_1
 
 
-def build_response(query: WorklistQuery, step: ScheduledStep) -> Dataset:
-    """One pending identifier: the requested supported keys, zero-length when unknown."""
-    stored = Dataset.from_json(step.dataset)
-    ds = Dataset()
-    for key in query.top_keys:
-        _copy(ds, stored, key)
+def build_response(query: WorklistQuery, stored: dict[str, Any]) -> Dataset:
+    """One pending identifier: the requested supported keys, zero-length when unknown.
+
+    ``stored`` is the step's entry as DICOM JSON (``ScheduledStep.dataset``).
+    """
+    picked = _pick(stored, query.top_keys)
     if query.sps_requested:
-        stored_items = stored.get("ScheduledProcedureStepSequence") or [Dataset()]
-        item = Dataset()
-        for key in query.sps_keys:
-            _copy(item, stored_items[0], key)
-        ds.ScheduledProcedureStepSequence = [item]
-    response = Dataset()
-    response.SpecificCharacterSet = _needs(ds)
-    response.update(ds)
+        items = stored.get(_json_tag(SPS_SEQUENCE_TAG), {}).get("Value") or [{}]
+        picked[_json_tag(SPS_SEQUENCE_TAG)] = {
+            "vr": "SQ",
+            "Value": [_pick(items[0], query.sps_keys)],
+        }
+    response = Dataset.from_json(picked)
+    # pydicom writes elements in tag order, so (0008,0005) still goes first.
+    response.SpecificCharacterSet = _needs(response)
     return response
 
 
@@ -472,10 +479,15 @@ def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResul
                 raise
             except Exception as exc:  # pydicom raises many kinds on a broken identifier
                 raise FindError(IDENTIFIER_INVALID, "identifier cannot be decoded") from exc
+            stored: dict[int, dict[str, Any]] = {}
             with ctx.db.read() as session:
                 steps = [
                     s for s in candidate_steps(session, query.database_filter()) if query.matches(s)
                 ]
+                # Entries are loaded only for an answer that will be sent (not A700).
+                if len(steps) <= max_matches:
+                    stored = step_datasets(session, [s.id for s in steps])
+                    steps = [s for s in steps if s.id in stored]
         except FindError as error:
             log.warning(
                 "c_find_handled",
@@ -509,7 +521,7 @@ def make_find_handler(ctx: ServiceContext) -> Callable[[Any], Iterator[FindResul
                 log.info("c_find_handled", status=f"0x{CANCELLED.code:04X}", sent=sent, **fields)
                 yield CANCELLED.code, None
                 return
-            response = build_response(query, step)
+            response = build_response(query, stored[step.id])
             log.debug("c_find_pending", status=f"0x{row.code:04X}", sps_id=step.sps_id)
             yield row.code, response
             sent += 1
