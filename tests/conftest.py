@@ -13,17 +13,20 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pynetdicom.dimse import DIMSEServiceProvider
 from sqlalchemy import create_engine, text
 
 from servers.core import config as config_mod
 from servers.core import logs
 from servers.core.declaration import StartupError
+from servers.core.reactor import EventDrivenAssociation
 from servers.core.runtime import UNDECLARED, Suite
 
 IN_CI = bool(os.environ.get("CI"))
@@ -31,7 +34,41 @@ POSTGRES_URL = os.environ.get(
     "DICOMLAB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 BACKENDS = ["sqlite", "postgres"]
-# Tries at starting a suite on freshly picked ports (see make_suite).
+
+
+def _leave_responses_to_their_sender() -> None:
+    """Close a race in pynetdicom's requestor, for the tests' plain pynetdicom clients.
+
+    A ``send_*`` call clears the association's checkpoint and waits for the reactor
+    to say it is paused, but the reactor says so before every checkpoint wait: when
+    the call clears it just after a wait returned, it sees the stale flag, sends,
+    and the reactor thread may take the response off the queue; the call then
+    waits out its DIMSE timeout and aborts. The faster our server answers, the more
+    often that happens (1 in several thousand exchanges on a loaded 2-core host).
+    Here the client's reactor thread leaves a response on the queue while a sender
+    holds the checkpoint, as the server's own reactor does
+    (``EventDrivenAssociation._take_request``). Only associations that are not
+    dicomlab's are touched: the server under test keeps its own code.
+    """
+    original = DIMSEServiceProvider.get_msg
+
+    def get_msg(self: DIMSEServiceProvider, block: bool = False) -> Any:
+        assoc = self.assoc
+        if (
+            not block
+            and threading.current_thread() is assoc
+            and not isinstance(assoc, EventDrivenAssociation)
+        ):
+            _, head = self.peek_msg()
+            responding = getattr(head, "MessageIDBeingRespondedTo", None) is not None
+            if responding and not assoc._reactor_checkpoint.is_set():
+                return None, None
+        return original(self, block)
+
+    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign]
+
+
+_leave_responses_to_their_sender()
 
 
 def require(condition: bool, reason: str) -> None:

@@ -353,7 +353,7 @@ class EventDrivenAssociation(Association):
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
-            context_id, msg = self.dimse.get_msg(block=False)
+            context_id, msg = self._take_request()
             busy = msg is not None
             if msg:
                 self._serving = True
@@ -398,6 +398,27 @@ class EventDrivenAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+    def _take_request(self) -> tuple[int | None, Any]:
+        """The next message for this thread, leaving a response to the thread awaiting it.
+
+        pynetdicom's pause is racy: the reactor marks itself paused before every
+        checkpoint wait, so a thread that clears the checkpoint just after the wait
+        returned sees the stale flag, sends its request, and the reactor can take the
+        response off the queue; the sender then fails at its DIMSE timeout. A
+        response is only taken here when no sender holds the checkpoint (a late
+        response nobody awaits, dropped as pynetdicom drops it). The queue is looked
+        at first: a response of an active sender is only there after that sender
+        cleared the checkpoint, and it stays cleared until the sender has taken it.
+        """
+        _, head = self.dimse.peek_msg()
+        if (
+            head is not None
+            and getattr(head, "MessageIDBeingRespondedTo", None) is not None
+            and not self._reactor_checkpoint.is_set()
+        ):
+            return None, None
+        return self.dimse.get_msg(block=False)
 
     def kill(self) -> None:
         self._reactor_checkpoint.set()
