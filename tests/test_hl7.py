@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 from pydicom.uid import generate_uid
 
 from db.queries import mpps as q
 from db.queries.worklist import list_steps
+from servers.core.declaration import StartupError
 from servers.core.runtime import Suite
 from tests.conftest import SuiteFactory
 from tests.helpers import associate
@@ -149,3 +153,15 @@ def test_whole_scheduled_workflow(make_suite: SuiteFactory) -> None:
         assert (row.procedure_state, row.removed) == ("COMPLETED", True)
         [step] = q.list_steps(session)
         assert step.matched and step.state.value == "COMPLETED"
+
+
+def test_hl7_port_taken_is_a_clear_startup_error(make_suite: SuiteFactory) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        with pytest.raises(StartupError) as raised:
+            make_suite({"services": {"worklist": {"hl7_port": taken}}})
+    message = str(raised.value)
+    assert f"127.0.0.1:{taken}" in message
+    assert "DICOMLAB_SERVICES__WORKLIST__HL7_PORT" in message

@@ -259,7 +259,13 @@ class Suite:
         for key, running in self.aes.items():
             for declaration in running.services:
                 if declaration.background is not None:
-                    self._background.append(declaration.background(self.context(key, declaration)))
+                    try:
+                        worker = declaration.background(self.context(key, declaration))
+                    except StartupError:
+                        # Nothing half-started is left listening.
+                        self.stop()
+                        raise
+                    self._background.append(worker)
 
     def port_of(self, key: str) -> int:
         """The bound port of a listening AE (useful when configured as port 0 in tests)."""

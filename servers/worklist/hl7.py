@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db.queries.worklist import active_accessions, add_steps, cancel_order, existing_sps_ids
 from servers.core import logs
 from servers.core.context import ServiceContext
+from servers.core.declaration import StartupError
 from servers.worklist.entries import EntryError, build_entry
 
 CHARSETS = {"": "utf-8", "ASCII": "ascii", "8859/1": "latin-1", "UNICODE UTF-8": "utf-8"}
@@ -286,6 +287,13 @@ class HL7Listener:
         self._thread = threading.Thread(target=self._run, name="hl7-mllp", daemon=True)
         self._thread.start()
         self._ready.wait(10)
+        if isinstance(self._error, OSError):
+            raise StartupError(
+                f"the HL7 listener cannot listen on {host}:{port}: "
+                f"{self._error.strerror or self._error}; choose another port with "
+                "DICOMLAB_SERVICES__WORKLIST__HL7_PORT (services.worklist.hl7_port), "
+                "turn it off with hl7_enabled = false, or stop what holds it"
+            ) from None
         if self._error is not None:
             raise self._error
 
@@ -320,6 +328,7 @@ class HL7Listener:
             self._loop.run_until_complete(start())
         except BaseException as exc:
             self._error = exc
+            self._loop.close()
             self._ready.set()
             return
         self._ready.set()
